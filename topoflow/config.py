@@ -1,0 +1,151 @@
+"""The one typed configuration model: YAML file, then command-line overrides, then validation.
+
+Every entry point (CLI, Kubeflow components, tests) builds a :class:`Config` here, so no setting is
+defined twice. Loading has no side effects: nothing is read from the environment at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from topoflow import CLASSES
+from topoflow.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SparkConfig(_Section):
+    """Where Spark runs. Local mode by default; set ``master`` to ``k8s://https://…`` for Kubernetes."""
+
+    master: str = "local[*]"
+    app_name: str = "topoflow"
+    driver_memory: str = "4g"
+    executor_memory: str | None = None
+    executor_cores: int | None = None
+    executor_instances: int | None = None
+    conf: dict[str, str] = Field(default_factory=dict, description="any other spark.* setting")
+
+    def settings(self) -> dict[str, str]:
+        """All settings as Spark configuration keys (``conf`` wins over the named fields)."""
+        named = {
+            "spark.driver.memory": self.driver_memory,
+            "spark.executor.memory": self.executor_memory,
+            "spark.executor.cores": self.executor_cores,
+            "spark.executor.instances": self.executor_instances,
+        }
+        out = {k: str(v) for k, v in named.items() if v is not None}
+        out.update(self.conf)
+        return out
+
+
+class StorageConfig(_Section):
+    """How to reach remote storage. S3 settings fall back to the standard AWS environment variables."""
+
+    s3_endpoint_url: str | None = Field(None, description="e.g. http://127.0.0.1:8333 (else AWS_ENDPOINT_URL)")
+    s3_access_key_id: SecretStr | None = Field(None, description="else AWS_ACCESS_KEY_ID")
+    s3_secret_access_key: SecretStr | None = Field(None, description="else AWS_SECRET_ACCESS_KEY")
+    s3_region: str | None = None
+    timeout_s: int = Field(30, ge=1, description="connect/read time-out for XRootD and S3 operations")
+    retries: int = Field(2, ge=0, description="retries of a failed network operation")
+
+    def s3_options(self) -> dict[str, Any]:
+        """fsspec/s3fs keyword arguments; secrets are resolved here, never stored elsewhere."""
+        env = os.environ
+        key = self.s3_access_key_id.get_secret_value() if self.s3_access_key_id else env.get("AWS_ACCESS_KEY_ID")
+        secret = (
+            self.s3_secret_access_key.get_secret_value()
+            if self.s3_secret_access_key
+            else env.get("AWS_SECRET_ACCESS_KEY")
+        )
+        endpoint = self.s3_endpoint_url or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+        opts: dict[str, Any] = {
+            "config_kwargs": {
+                "connect_timeout": self.timeout_s,
+                "read_timeout": self.timeout_s,
+                "retries": {"max_attempts": self.retries + 1, "mode": "standard"},
+            },
+            "skip_instance_cache": True,
+        }
+        if key and secret:
+            opts.update(key=key, secret=secret)
+        if endpoint:
+            opts["endpoint_url"] = endpoint
+        if self.s3_region:
+            opts["client_kwargs"] = {"region_name": self.s3_region}
+        return opts
+
+
+class IngestConfig(_Section):
+    """What ``topoflow ingest`` reads and writes."""
+
+    datasets: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="class name (qcd, ttbar, wjets) -> list of URLs or globs of Delphes ROOT files",
+    )
+    output: str = Field("out/ingested", description="URL of the Parquet dataset to write")
+    on_bad_file: Literal["fail", "skip"] = Field(
+        "fail", description="fail: stop before writing anything; skip: leave the file out and list it"
+    )
+    muon_collection: Literal["auto", "Muon", "MuonTight"] = Field(
+        "auto", description="auto: MuonTight where the file has it (original card), else Muon"
+    )
+    entries_per_partition: int = Field(20_000, ge=1, description="largest entry range one Spark task reads")
+    batch_size: int = Field(2_000, ge=1, description="events computed together in one vectorised batch")
+    row_group_size: int = Field(1_000, ge=1, description="events per Parquet row group (bounds reader memory)")
+
+    @field_validator("datasets")
+    @classmethod
+    def _known_classes(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        unknown = sorted(set(value) - set(CLASSES))
+        if unknown:
+            raise ValueError(f"unknown class name(s) {unknown}; use {list(CLASSES)}")
+        return value
+
+
+class Config(_Section):
+    """The whole configuration; one section per concern."""
+
+    spark: SparkConfig = Field(default_factory=SparkConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+
+    def to_yaml(self) -> str:
+        """The effective configuration as YAML (secrets masked)."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read YAML ``path`` (optional), apply ``section.key=value`` overrides (values parsed as YAML)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError as e:
+            raise ConfigError(f"config file not found: {str(path)!r}\ncreate it or drop --config") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file is not valid YAML: {e}\nin file {path}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file must hold a mapping, not {type(data).__name__}\nin file {path}")
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node[leaf] = yaml.safe_load(raw) if raw else raw
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        where = f" in file {path}" if path else ""
+        raise ConfigError(f"invalid configuration{where}:\n{e}") from e
