@@ -121,7 +121,7 @@ def _unstrip(original: str, fs: fsspec.AbstractFileSystem, path: str) -> str:
     """Give a path found by ``fs`` back its protocol prefix (and host, for XRootD)."""
     proto = protocol(original)
     if proto == "file":
-        return path
+        return os.path.normpath(path)
     if proto == "root":
         parts = urlsplit(original)
         return f"root://{parts.netloc}/{path if path.startswith('/') else '/' + path}"

@@ -1,0 +1,290 @@
+"""Spark 4 Python data sources: ``delphes`` reads Delphes files into selected events with features,
+``fsparquet`` writes Parquet through fsspec (any URL, no Hadoop connector) and publishes atomically.
+
+    spark.read.format("delphes").option("label", "ttbar").load("root://host//store/tt/*.root")
+    df.write.format("fsparquet").mode("overwrite").save("s3://bucket/ingested")
+
+Reading is split by file and by entry range so that every executor is busy; each task streams its
+range in vectorised batches. Writing stages part files next to the target and moves them into
+place only when every task succeeded; a manifest written last marks the dataset complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+from pyspark.sql.datasource import (
+    DataSource,
+    DataSourceArrowWriter,
+    DataSourceReader,
+    InputPartition,
+    WriterCommitMessage,
+)
+
+from topoflow import CLASSES, __version__, delphes, features, storage
+from topoflow.config import StorageConfig
+from topoflow.errors import BadInputError, ConfigError, TopoflowError
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+ARROW_SCHEMA = pa.schema([
+    ("label", pa.int32()),
+    ("hlf", pa.list_(pa.float32())),
+    ("particles", pa.list_(pa.list_(pa.float32()))),
+    ("source_file", pa.string()),
+    ("entry", pa.int64()),
+])
+SPARK_SCHEMA = "label int, hlf array<float>, particles array<array<float>>, source_file string, entry bigint"
+SKIPPED = "_skipped.json"
+_ERRORS = "_errors"
+
+
+def storage_options(cfg: StorageConfig) -> dict[str, str]:
+    """Reader/writer options carrying the storage settings; secrets go under keys that Spark's
+    default ``spark.redaction.regex`` masks in plans and the UI."""
+    opts = {"storage": cfg.model_dump_json(exclude={"s3_access_key_id", "s3_secret_access_key"})}
+    if cfg.s3_access_key_id:
+        opts["s3.access.key"] = cfg.s3_access_key_id.get_secret_value()
+    if cfg.s3_secret_access_key:
+        opts["s3.secret"] = cfg.s3_secret_access_key.get_secret_value()
+    return opts
+
+
+def _storage(options: dict[str, str]) -> StorageConfig:
+    cfg = StorageConfig.model_validate_json(options.get("storage", "{}"))
+    if "s3.access.key" in options:
+        cfg.s3_access_key_id = options["s3.access.key"]
+    if "s3.secret" in options:
+        cfg.s3_secret_access_key = options["s3.secret"]
+    return cfg
+
+
+@dataclass
+class Range(InputPartition):
+    """One task's work: entries ``[start, stop)`` of one file, with the file's probed layout."""
+
+    url: str
+    label: int
+    start: int
+    stop: int
+    muon: str
+    track_charge: str
+
+
+def plan(infos: list[tuple[delphes.FileInfo, int]], max_entries: int, min_partitions: int = 1) -> list[Range]:
+    """Split files into entry ranges of at most ``max_entries``, finer when there would be fewer
+    than ``min_partitions`` ranges, so that all executors get work."""
+    total = sum(info.entries for info, _ in infos)
+    step = max(1, min(max_entries, -(-total // max(min_partitions, 1))))
+    return [
+        Range(info.url, label, start, min(start + step, info.entries), info.muon, info.track_charge)
+        for info, label in infos
+        for start in range(0, info.entries, step)
+    ]
+
+
+def record_skip(errors_dir: str | None, cfg: StorageConfig, url: str, reason: str, entries=None) -> None:
+    """Leave a note for the writer's commit, which gathers them into ``_skipped.json``."""
+    log.warning("skipping %s: %s", url, reason)
+    if not errors_dir:
+        return
+    fs, path = storage.filesystem(errors_dir, cfg)
+    fs.makedirs(path, exist_ok=True)
+    storage.write_json(fs, storage.join(path, f"{uuid.uuid4().hex}.json"),
+                       {"file": url, "reason": reason, "entries": entries})
+
+
+class DelphesDataSource(DataSource):
+    """``spark.read.format("delphes")``. Options: ``path`` (or ``paths``: JSON list) of URLs/globs,
+    ``label`` (qcd, ttbar, wjets), ``muon_collection``, ``entries_per_partition``, ``batch_size``,
+    ``min_partitions``, ``on_bad_file`` (fail/skip), ``errors_dir`` and the storage options."""
+
+    @classmethod
+    def name(cls) -> str:
+        return "delphes"
+
+    def schema(self) -> str:
+        return SPARK_SCHEMA
+
+    def reader(self, schema) -> DataSourceReader:
+        return DelphesReader(self.options)
+
+
+class DelphesReader(DataSourceReader):
+    def __init__(self, options: dict[str, str]):
+        self.cfg = _storage(options)
+        self.batch_size = int(options.get("batch_size", 2000))
+        self.skip = options.get("on_bad_file", "fail") == "skip"
+        self.errors_dir = options.get("errors_dir")
+        self.options = options
+
+    def partitions(self) -> list[Range]:
+        if "plan" in self.options:  # already probed by the ingest stage
+            return [Range(**r) for r in json.loads(self.options["plan"])]
+        label = self.options.get("label")
+        if label not in CLASSES:
+            raise ConfigError(f"option 'label' must be one of {list(CLASSES)}, not {label!r}")
+        patterns = json.loads(self.options["paths"]) if "paths" in self.options else [self.options["path"]]
+        infos = []
+        for pattern in patterns:
+            for url in storage.expand(pattern, self.cfg):
+                try:
+                    infos.append((delphes.probe(url, self.cfg, self.options.get("muon_collection", "auto")),
+                                  CLASSES.index(label)))
+                except BadInputError as e:
+                    if not self.skip:
+                        raise
+                    record_skip(self.errors_dir, self.cfg, url, e.problem)
+        return plan(infos, int(self.options.get("entries_per_partition", 20_000)),
+                    int(self.options.get("min_partitions", 1)))
+
+    def read(self, partition: Range) -> Iterator[pa.RecordBatch]:
+        info = delphes.FileInfo(partition.url, partition.stop, partition.muon, partition.track_charge)
+        done = partition.start
+        try:
+            for first, arrays in delphes.read_batches(info, self.cfg, partition.start, partition.stop,
+                                                      self.batch_size):
+                try:
+                    features.check_finite(arrays)
+                    feats = features.compute(arrays)
+                except features.EventError as e:
+                    raise BadInputError(partition.url, f"{e.problem} at entry {first + e.index}",
+                                        "fix or drop this file, or use --on-bad-file skip") from e
+                yield to_record_batch(feats, partition.label, partition.url, first)
+                done = first + len(arrays["MissingET.MET"])
+        except BadInputError as e:
+            if not self.skip:
+                raise
+            record_skip(self.errors_dir, self.cfg, partition.url, e.problem, [done, partition.stop])
+
+
+def to_record_batch(feats: features.Features, label: int, url: str, first_entry: int) -> pa.RecordBatch:
+    """Arrow rows of selected events: particle lists stay unpadded (variable length)."""
+    n = len(feats.events)
+    inner = pa.ListArray.from_arrays(
+        np.arange(0, 19 * len(feats.particles) + 1, 19, dtype=np.int32),
+        pa.array(feats.particles.astype(np.float32).ravel()),
+    )
+    outer = pa.ListArray.from_arrays(np.concatenate([[0], np.cumsum(feats.counts)]).astype(np.int32), inner)
+    hlf = pa.ListArray.from_arrays(np.arange(0, 14 * n + 1, 14, dtype=np.int32),
+                                   pa.array(feats.hlf.astype(np.float32).ravel()))
+    return pa.RecordBatch.from_arrays(
+        [pa.array(np.full(n, label, dtype=np.int32)), hlf, outer,
+         pa.array([url] * n, pa.string()), pa.array(first_entry + feats.events.astype(np.int64))],
+        schema=ARROW_SCHEMA,
+    )
+
+
+@dataclass
+class PartWritten(WriterCommitMessage):
+    name: str | None
+    rows: int
+    per_label: dict[str, int] = field(default_factory=dict)
+
+
+class FsParquetDataSource(DataSource):
+    """``df.write.format("fsparquet")``. Options: ``path`` (target URL), ``row_group_size``,
+    ``staging`` (URL to write parts to before publishing), ``meta`` (JSON kept in the manifest),
+    ``skipped`` (JSON list of files already left out) and the storage options."""
+
+    @classmethod
+    def name(cls) -> str:
+        return "fsparquet"
+
+    def writer(self, schema, overwrite: bool) -> FsParquetWriter:
+        return FsParquetWriter(self.options, overwrite)
+
+
+class FsParquetWriter(DataSourceArrowWriter):
+    def __init__(self, options: dict[str, str], overwrite: bool):
+        self.cfg = _storage(options)
+        self.target = options["path"]
+        self.staging = options.get("staging") or storage.staging_url(self.target)
+        self.row_group_size = int(options.get("row_group_size", 1000))
+        self.meta = json.loads(options.get("meta", "{}"))
+        self.skipped = json.loads(options.get("skipped", "[]"))
+        fs, path = storage.filesystem(self.target, self.cfg)
+        if not overwrite and fs.exists(storage.join(path, storage.MANIFEST)):
+            raise TopoflowError(f"a complete dataset exists at {self.target!r}; use mode('overwrite')")
+
+    def write(self, iterator: Iterator[pa.RecordBatch]) -> PartWritten:
+        import pyarrow.parquet as pq
+
+        fs, path = storage.filesystem(self.staging, self.cfg)
+        name, rows, labels, writer, f = f"part-{uuid.uuid4().hex}.parquet", 0, Counter(), None, None
+        try:
+            for batch in iterator:
+                if batch.num_rows == 0:
+                    continue
+                if writer is None:
+                    fs.makedirs(path, exist_ok=True)
+                    f = fs.open(storage.join(path, name), "wb")
+                    writer = pq.ParquetWriter(f, batch.schema, compression="zstd")
+                writer.write_batch(batch, row_group_size=self.row_group_size)
+                rows += batch.num_rows
+                if "label" in batch.schema.names:
+                    labels.update(batch.column("label").to_numpy().tolist())
+        finally:
+            if writer is not None:
+                writer.close()
+                f.close()
+        per_label = {CLASSES[k] if 0 <= k < len(CLASSES) else str(k): v for k, v in labels.items()}
+        return PartWritten(name if rows else None, rows, per_label)
+
+    def commit(self, messages: list[PartWritten]) -> None:
+        fs, staging = storage.filesystem(self.staging, self.cfg)
+        _, target = storage.filesystem(self.target, self.cfg)
+        fs.makedirs(staging, exist_ok=True)
+        skipped = list(self.skipped)
+        errors = storage.join(staging, _ERRORS)
+        if fs.exists(errors):
+            for p in sorted(fs.ls(errors, detail=False)):
+                with fs.open(p) as f:
+                    skipped.append(json.load(f))
+            fs.rm(errors, recursive=True)
+        if skipped:
+            storage.write_json(fs, storage.join(staging, SKIPPED), skipped)
+        parts = [m for m in messages if m is not None and m.name]
+        per_label = Counter()
+        for m in parts:
+            per_label.update(m.per_label)
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "topoflow_version": __version__,
+            "columns": SPARK_SCHEMA,
+            "files": [{"name": m.name, "rows": m.rows} for m in sorted(parts, key=lambda m: m.name)],
+            "rows": sum(m.rows for m in parts),
+            "rows_per_class": {c: per_label.get(c, 0) for c in CLASSES},
+            "skipped": len(skipped),
+            **({"meta": self.meta} if self.meta else {}),
+        }
+        storage.publish(fs, staging, target, manifest)
+
+    def abort(self, messages: list[PartWritten]) -> None:
+        fs, staging = storage.filesystem(self.staging, self.cfg)
+        storage.discard(fs, staging)
+
+
+def register(spark) -> None:
+    """Make ``delphes`` and ``fsparquet`` known to a session (done by :func:`topoflow.spark.session`)."""
+    spark.dataSource.register(DelphesDataSource)
+    spark.dataSource.register(FsParquetDataSource)
+
+
+def skipped_files(url: str, cfg: StorageConfig) -> list[dict[str, Any]]:
+    """The files (or entry ranges) left out of a dataset written with ``on_bad_file=skip``."""
+    fs, path = storage.filesystem(url, cfg)
+    p = storage.join(path, SKIPPED)
+    if not fs.exists(p):
+        return []
+    with fs.open(p) as f:
+        return json.load(f)
+

@@ -1,0 +1,194 @@
+"""The ingestion stage: Delphes files of each class → one Parquet dataset of selected events with
+their high-level features and particle lists (plus source file and entry, for provenance).
+
+Files are probed on the driver first, so that a bad file stops the job before anything is written
+(or, with ``on_bad_file=skip``, is listed in ``_skipped.json`` next to the output).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from topoflow import CLASSES, datasource, delphes, storage
+from topoflow.config import Config
+from topoflow.errors import BadInputError, ConfigError, StorageError, TopoflowError
+from topoflow.progress import progress_bar
+
+log = logging.getLogger(__name__)
+_JOB_GROUP = "topoflow-ingest"
+
+
+@dataclass
+class IngestSummary:
+    """What a run did; printed by the CLI and returned to Kubeflow components."""
+
+    output: str
+    events_read: dict[str, int]
+    selected: dict[str, int]
+    skipped: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def table(self) -> str:
+        lines = [f"{'class':<8}{'read':>12}{'selected':>12}{'fraction':>10}"]
+        for c in CLASSES:
+            read, sel = self.events_read.get(c, 0), self.selected.get(c, 0)
+            if read:
+                lines.append(f"{c:<8}{read:>12,}{sel:>12,}{sel / read:>10.1%}")
+        total = sum(self.events_read.values())
+        lines.append(f"{'total':<8}{total:>12,}{sum(self.selected.values()):>12,}")
+        lines.append(f"{total / max(self.seconds, 1e-9):,.0f} events/s; bad files: {len(self.skipped)}")
+        for s in self.skipped:
+            lines.append(f"  skipped {s['file']}{' entries %s-%s' % tuple(s['entries']) if s.get('entries') else ''}: "
+                         f"{s['reason'].splitlines()[0]}")
+        lines.append(f"written to {self.output}")
+        return "\n".join(lines)
+
+
+def ingest(cfg: Config, spark=None, show_progress: bool = True) -> IngestSummary:
+    """Run ingestion as configured; returns the summary. ``spark`` defaults to a new session."""
+    ic, sc = cfg.ingest, cfg.storage
+    if not ic.datasets or not any(ic.datasets.values()):
+        raise ConfigError(
+            "no input datasets: set ingest.datasets in the config file, e.g.\n"
+            "  ingest: {datasets: {ttbar: ['root://eos.example//store/tt/*.root'], ...}}\n"
+            "or pass --dataset ttbar='/data/tt/*.root' (once per class)"
+        )
+    t0 = time.monotonic()
+    infos, skipped = _probe_all(cfg, show_progress)
+    if not infos:
+        raise BadInputError(", ".join(s["file"] for s in skipped) or "(none)", "no readable input file left",
+                            "fix the inputs listed above")
+
+    if spark is None:
+        from topoflow.spark import session
+
+        spark = session(cfg.spark)
+    ranges = datasource.plan(infos, ic.entries_per_partition, 2 * spark.sparkContext.defaultParallelism)
+    fs, out_path = storage.filesystem(ic.output, sc)
+    for stale in fs.glob(out_path.rstrip("/") + ".staging-*"):  # left by a killed run
+        storage.discard(fs, stale)
+    staging = storage.staging_url(ic.output)
+    meta = {
+        "stage": "ingest",
+        "config_hash": hashlib.sha256(cfg.ingest.model_dump_json().encode()).hexdigest()[:16],
+        "datasets": ic.datasets,
+        "events_read": _events_per_class(ranges),
+    }
+    options = datasource.storage_options(sc)
+    df = (
+        spark.read.format("delphes").options(**options)
+        .option("plan", json.dumps([r.__dict__ for r in ranges]))
+        .option("batch_size", ic.batch_size)
+        .option("on_bad_file", ic.on_bad_file)
+        .option("errors_dir", storage.join(staging, "_errors"))
+        .load()
+    )
+    spark.sparkContext.setJobGroup(_JOB_GROUP, f"ingest → {ic.output}")
+    total_events = sum(r.stop - r.start for r in ranges)
+    with _spark_progress(spark, len(ranges), total_events, show_progress):
+        try:
+            (df.write.format("fsparquet").mode("overwrite").options(**options)
+             .option("staging", staging).option("row_group_size", ic.row_group_size)
+             .option("meta", json.dumps(meta)).option("skipped", json.dumps(skipped))
+             .save(ic.output))
+        except Exception as e:
+            raise _user_error(e) from e
+    manifest = storage.read_manifest(ic.output, sc)
+    skipped = datasource.skipped_files(ic.output, sc)
+    events_read = meta["events_read"]
+    for s in skipped:  # entry ranges that failed while reading are not "read"
+        if s.get("entries"):
+            label = next(CLASSES[r.label] for r in ranges if r.url == s["file"])
+            events_read[label] -= s["entries"][1] - s["entries"][0]
+    return IngestSummary(ic.output, events_read, manifest["rows_per_class"], skipped, time.monotonic() - t0)
+
+
+def _probe_all(cfg: Config, show_progress: bool) -> tuple[list[tuple[delphes.FileInfo, int]], list[dict]]:
+    """Expand every dataset and open each file once (in parallel threads: remote opens wait on I/O)."""
+    ic = cfg.ingest
+    urls = [(u, CLASSES.index(c)) for c, patterns in ic.datasets.items() for p in patterns
+            for u in storage.expand(p, cfg.storage)]
+    infos, skipped = [], []
+
+    def one(item):
+        url, label = item
+        try:
+            return delphes.probe(url, cfg.storage, ic.muon_collection), label, None
+        except BadInputError as e:
+            return None, label, e
+
+    with progress_bar("checking files", len(urls), "files", enabled=show_progress) as advance, \
+            ThreadPoolExecutor(max_workers=8) as pool:
+        for info, label, error in pool.map(one, urls):
+            advance(1)
+            if error is None:
+                infos.append((info, label))
+            elif ic.on_bad_file == "skip":
+                skipped.append({"file": error.url, "reason": error.problem, "entries": None})
+            else:
+                raise error
+    return infos, skipped
+
+
+def _events_per_class(ranges) -> dict[str, int]:
+    out = {c: 0 for c in CLASSES}
+    for r in ranges:
+        out[CLASSES[r.label]] += r.stop - r.start
+    return out
+
+
+class _spark_progress:
+    """A console bar of tasks and (approximate) events done, fed by Spark's status tracker."""
+
+    def __init__(self, spark, n_tasks: int, n_events: int, enabled: bool):
+        self.tracker = spark.sparkContext.statusTracker()
+        self.n_tasks, self.n_events, self.enabled = n_tasks, n_events, enabled
+        self.stop = threading.Event()
+
+    def __enter__(self):
+        self.bar = progress_bar("ingesting", self.n_events, "events", enabled=self.enabled)
+        self.update = self.bar.__enter__()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+        return self
+
+    def _done_tasks(self) -> int:
+        done = 0
+        for job in self.tracker.getJobIdsForGroup(_JOB_GROUP):
+            info = self.tracker.getJobInfo(job)
+            for stage in info.stageIds if info else ():
+                s = self.tracker.getStageInfo(stage)
+                done += s.numCompletedTasks if s else 0
+        return done
+
+    def _poll(self):
+        while not self.stop.wait(0.5):
+            self.update(completed=round(self.n_events * min(self._done_tasks(), self.n_tasks) / self.n_tasks))
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        if exc[0] is None:
+            self.update(completed=self.n_events)
+        self.bar.__exit__(*exc)
+
+
+_REMOTE_ERROR = re.compile(r"topoflow\.errors\.(\w+): (.*?)(?:\n\s*\n|\n\tat |\Z)", re.S)
+
+
+def _user_error(e: Exception) -> Exception:
+    """Recover our own error from a failed Spark job (it arrives as text inside a Java exception)."""
+    found = _REMOTE_ERROR.findall(str(e))
+    if not found:
+        return e
+    kind, text = found[-1]
+    cls = {"BadInputError": TopoflowError, "StorageError": StorageError, "ConfigError": ConfigError}.get(kind, TopoflowError)
+    return cls(text.strip())
+

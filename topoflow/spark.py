@@ -1,0 +1,48 @@
+"""The one place a Spark session is made: local mode by default, every setting overridable."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from topoflow.config import SparkConfig
+
+log = logging.getLogger(__name__)
+
+# Our own progress bars replace Spark's console bar; the UI costs start-up time in local runs.
+_DEFAULTS = {
+    "spark.ui.showConsoleProgress": "false",
+    "spark.sql.execution.pyspark.python": sys.executable,
+    "spark.python.worker.reuse": "true",
+}
+
+
+def session(cfg: SparkConfig):
+    """Create (or reuse) the session for ``cfg`` with topoflow's data sources registered.
+
+    Workers must run this same Python (``PYSPARK_PYTHON``), or they miss the installed packages;
+    a local master binds to loopback (``SPARK_LOCAL_IP``) so that a laptop's changing network does
+    not break it. Both are left alone when already set.
+    """
+    from pyspark.sql import SparkSession
+
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    local = cfg.master.startswith("local")
+    if local:
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    builder = SparkSession.builder.master(cfg.master).appName(cfg.app_name)
+    settings = dict(_DEFAULTS)
+    if local:
+        settings["spark.ui.enabled"] = "false"
+    settings.update(cfg.settings())
+    for key, value in settings.items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("ERROR")
+    from topoflow.datasource import register
+
+    register(spark)
+    log.info("Spark %s, master %s", spark.version, cfg.master)
+    return spark
