@@ -250,6 +250,7 @@ class FsParquetWriter(DataSourceArrowWriter):
                 with fs.open(p) as f:
                     skipped.append(json.load(f))
             fs.rm(errors, recursive=True)
+        skipped = merge_skips(skipped)
         if skipped:
             storage.write_json(fs, storage.join(staging, SKIPPED), skipped)
         parts = [m for m in messages if m is not None and m.name]
@@ -271,6 +272,28 @@ class FsParquetWriter(DataSourceArrowWriter):
     def abort(self, messages: list[PartWritten]) -> None:
         fs, staging = storage.filesystem(self.staging, self.cfg)
         storage.discard(fs, staging)
+
+
+def merge_skips(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per file: ``entries`` is None (whole file) or its merged ``[start, stop)`` ranges."""
+    by_file: dict[str, dict[str, Any]] = {}
+    for r in records:
+        merged = by_file.setdefault(r["file"], {"file": r["file"], "reason": r["reason"], "entries": []})
+        if r["entries"] is None or merged["entries"] is None:
+            merged["entries"] = None
+        else:
+            merged["entries"].append(list(r["entries"]))
+    for merged in by_file.values():
+        if merged["entries"]:
+            ranges = sorted(merged["entries"])
+            out = [ranges[0]]
+            for lo, hi in ranges[1:]:
+                if lo <= out[-1][1]:
+                    out[-1][1] = max(out[-1][1], hi)
+                else:
+                    out.append([lo, hi])
+            merged["entries"] = out
+    return sorted(by_file.values(), key=lambda r: r["file"])
 
 
 def register(spark) -> None:

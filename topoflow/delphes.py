@@ -9,6 +9,7 @@ and the track charge is always ``EFlowTrack.Charge``.
 from __future__ import annotations
 
 import difflib
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
@@ -33,6 +34,9 @@ FIELDS = {
     "Jet": ("PT", "Eta", "BTag"),
     "MissingET": ("MET", "Phi"),
 }
+
+# What a damaged file raises while being decoded (zlib: a corrupt compressed basket).
+_DECODE_ERRORS = (OSError, ValueError, zlib.error, uproot.deserialization.DeserializationError)
 
 # Charged leptons and the negative hyperons have negative charge for a positive PDG id.
 _NEGATIVE_FOR_POSITIVE_PID = np.array([11, 13, 15, 3112, 3312, 3334])
@@ -61,7 +65,7 @@ def open_tree(url: str, cfg: StorageConfig):
         raise BadInputError(url, "file not found", "check the path; globs must match at least one file") from e
     except StorageError:
         raise
-    except (OSError, ValueError, uproot.deserialization.DeserializationError) as e:
+    except _DECODE_ERRORS as e:
         raise _diagnose(url, cfg, e) from e
     if TREE not in file:
         raise BadInputError(
@@ -92,9 +96,14 @@ def _diagnose(url: str, cfg: StorageConfig, error: Exception) -> BadInputError:
         )
     return BadInputError(
         url,
-        f"truncated or corrupt ROOT file ({size} bytes): {error}",
+        f"truncated or corrupt ROOT file ({size} bytes): {_first_lines(error)}",
         "re-copy the file (an interrupted transfer truncates it), or use --on-bad-file skip",
     )
+
+
+def _first_lines(error: Exception) -> str:
+    """uproot's message without its own "for file path" trailer (our error names the file)."""
+    return " ".join(ln for ln in str(error).splitlines() if not ln.startswith(("for file path", "in file")))
 
 
 def probe(url: str, cfg: StorageConfig, muon_collection: str = "auto") -> FileInfo:
@@ -143,10 +152,10 @@ def read_batches(
                 yield report.tree_entry_start, arrays
     except (BadInputError, StorageError):
         raise
-    except (OSError, ValueError, uproot.deserialization.DeserializationError) as e:
+    except _DECODE_ERRORS as e:
         raise BadInputError(
             info.url,
-            f"cannot decode entries {start}-{stop}: {type(e).__name__}: {e}",
+            f"cannot decode entries {start}-{stop}: {type(e).__name__}: {_first_lines(e)}",
             "the file is corrupt: re-copy it, or use --on-bad-file skip",
         ) from e
 

@@ -45,8 +45,8 @@ class IngestSummary:
         lines.append(f"{'total':<8}{total:>12,}{sum(self.selected.values()):>12,}")
         lines.append(f"{total / max(self.seconds, 1e-9):,.0f} events/s; bad files: {len(self.skipped)}")
         for s in self.skipped:
-            lines.append(f"  skipped {s['file']}{' entries %s-%s' % tuple(s['entries']) if s.get('entries') else ''}: "
-                         f"{s['reason'].splitlines()[0]}")
+            where = ", ".join(f"{lo}-{hi}" for lo, hi in s["entries"] or [])
+            lines.append(f"  skipped {s['file']}{' entries ' + where if where else ''}: {s['reason']}")
         lines.append(f"written to {self.output}")
         return "\n".join(lines)
 
@@ -104,9 +104,9 @@ def ingest(cfg: Config, spark=None, show_progress: bool = True) -> IngestSummary
     skipped = datasource.skipped_files(ic.output, sc)
     events_read = meta["events_read"]
     for s in skipped:  # entry ranges that failed while reading are not "read"
-        if s.get("entries"):
+        if s["entries"]:
             label = next(CLASSES[r.label] for r in ranges if r.url == s["file"])
-            events_read[label] -= s["entries"][1] - s["entries"][0]
+            events_read[label] -= sum(hi - lo for lo, hi in s["entries"])
     return IngestSummary(ic.output, events_read, manifest["rows_per_class"], skipped, time.monotonic() - t0)
 
 
