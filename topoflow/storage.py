@@ -13,6 +13,7 @@ from typing import Any, Iterator
 from urllib.parse import urlsplit
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 from topoflow.config import StorageConfig
 from topoflow.errors import StorageError
@@ -51,6 +52,7 @@ def filesystem(url: str, cfg: StorageConfig) -> tuple[fsspec.AbstractFileSystem,
     check_reachable(url, cfg)
     with storage_errors(url):
         fs, path = fsspec.core.url_to_fs(url, **fs_options(url, cfg))
+    fs.invalidate_cache()  # instances are shared: another task may have changed the listing since
     return fs, path
 
 
@@ -88,12 +90,12 @@ def storage_errors(url: str) -> Iterator[None]:
     except StorageError:
         raise
     except PermissionError as e:
-        text = str(e)
-        if any(s in text for s in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "Forbidden")):
-            fix = "check the S3 credentials (storage.s3_access_key_id / AWS_ACCESS_KEY_ID and the secret)"
+        if protocol(url) == "s3":
+            fix = ("check the S3 credentials (storage.s3_access_key_id and storage.s3_secret_access_key, "
+                   "or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY) and that they may use this bucket")
         else:
             fix = "check the permissions on this location"
-        raise StorageError(f"access denied: {text}\nfor URL {url}\n{fix}") from e
+        raise StorageError(f"access denied: {e}\nfor URL {url}\n{fix}") from e
     except (TimeoutError, ConnectionError) as e:
         raise StorageError(f"storage did not answer in time: {e}\nfor URL {url}\ncheck the endpoint") from e
     except OSError as e:
@@ -149,7 +151,12 @@ def publish(fs: fsspec.AbstractFileSystem, staging: str, final: str, manifest: d
         if fs.exists(join(final, MANIFEST)):
             fs.rm(join(final, MANIFEST))
         fs.rm(final, recursive=True)
-    fs.mv(staging, final, recursive=True)
+    if isinstance(fs, LocalFileSystem):
+        fs.mv(staging, final, recursive=True)  # one rename
+    else:  # object stores have no directories to rename: move the files one by one
+        for src in fs.find(staging):
+            fs.mv(src, final + src[len(staging):])
+        discard(fs, staging)
     write_json(fs, join(final, MANIFEST), manifest)
 
 
