@@ -13,7 +13,6 @@ import logging
 import re
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from topoflow import CLASSES, datasource, delphes, storage
@@ -61,15 +60,15 @@ def ingest(cfg: Config, spark=None, show_progress: bool = True) -> IngestSummary
             "or pass --dataset ttbar='/data/tt/*.root' (once per class)"
         )
     t0 = time.monotonic()
-    infos, skipped = _probe_all(cfg, show_progress)
-    if not infos:
-        raise BadInputError(", ".join(s["file"] for s in skipped) or "(none)", "no readable input file left",
-                            "fix the inputs listed above")
-
     if spark is None:
         from topoflow.spark import session
 
         spark = session(cfg.spark)
+    spark.sparkContext.setJobGroup(_JOB_GROUP, f"ingest → {ic.output}")
+    infos, skipped = _probe_all(cfg, spark, show_progress)
+    if not infos:
+        raise BadInputError(", ".join(s["file"] for s in skipped) or "(none)", "no readable input file left",
+                            "fix the inputs listed above")
     ranges = datasource.plan(infos, ic.entries_per_partition, 2 * spark.sparkContext.defaultParallelism)
     fs, out_path = storage.filesystem(ic.output, sc)
     for stale in fs.glob(out_path.rstrip("/") + ".staging-*"):  # left by a killed run
@@ -90,9 +89,8 @@ def ingest(cfg: Config, spark=None, show_progress: bool = True) -> IngestSummary
         .option("errors_dir", storage.join(staging, "_errors"))
         .load()
     )
-    spark.sparkContext.setJobGroup(_JOB_GROUP, f"ingest → {ic.output}")
     total_events = sum(r.stop - r.start for r in ranges)
-    with _spark_progress(spark, len(ranges), total_events, show_progress):
+    with _spark_progress(spark, "ingesting", len(ranges), total_events, "events", show_progress):
         try:
             (df.write.format("fsparquet").mode("overwrite").options(**options)
              .option("staging", staging).option("row_group_size", ic.row_group_size)
@@ -110,30 +108,35 @@ def ingest(cfg: Config, spark=None, show_progress: bool = True) -> IngestSummary
     return IngestSummary(ic.output, events_read, manifest["rows_per_class"], skipped, time.monotonic() - t0)
 
 
-def _probe_all(cfg: Config, show_progress: bool) -> tuple[list[tuple[delphes.FileInfo, int]], list[dict]]:
-    """Expand every dataset and open each file once (in parallel threads: remote opens wait on I/O)."""
-    ic = cfg.ingest
+def _probe_all(cfg: Config, spark, show_progress: bool) -> tuple[list[tuple[delphes.FileInfo, int]], list[dict]]:
+    """Expand every dataset and open each file once, as a Spark job: at CERN scale (thousands of
+    files, each open parsing a ~600-branch TTree) the driver alone would take minutes."""
+    ic, storage_cfg = cfg.ingest, cfg.storage
     urls = [(u, CLASSES.index(c)) for c, patterns in ic.datasets.items() for p in patterns
-            for u in storage.expand(p, cfg.storage)]
-    infos, skipped = [], []
+            for u in storage.expand(p, storage_cfg)]
+    muon = ic.muon_collection
 
-    def one(item):
+    def probe(item):
         url, label = item
         try:
-            return delphes.probe(url, cfg.storage, ic.muon_collection), label, None
+            return delphes.probe(url, storage_cfg, muon), label, None
         except BadInputError as e:
-            return None, label, e
+            return None, label, {"file": e.url, "reason": e.problem, "fix": e.fix}
 
-    with progress_bar("checking files", len(urls), "files", enabled=show_progress) as advance, \
-            ThreadPoolExecutor(max_workers=8) as pool:
-        for info, label, error in pool.map(one, urls):
-            advance(1)
-            if error is None:
-                infos.append((info, label))
-            elif ic.on_bad_file == "skip":
-                skipped.append({"file": error.url, "reason": error.problem, "entries": None})
-            else:
-                raise error
+    slices = max(1, min(len(urls), 4 * spark.sparkContext.defaultParallelism))
+    with _spark_progress(spark, "checking files", slices, len(urls), "files", show_progress):
+        try:
+            results = spark.sparkContext.parallelize(urls, slices).map(probe).collect()
+        except Exception as e:
+            raise _user_error(e) from e
+    infos, skipped = [], []
+    for info, label, error in results:
+        if error is None:
+            infos.append((info, label))
+        elif ic.on_bad_file == "skip":
+            skipped.append({"file": error["file"], "reason": error["reason"], "entries": None})
+        else:
+            raise BadInputError(error["file"], error["reason"], error["fix"])
     return infos, skipped
 
 
@@ -145,15 +148,18 @@ def _events_per_class(ranges) -> dict[str, int]:
 
 
 class _spark_progress:
-    """A console bar of tasks and (approximate) events done, fed by Spark's status tracker."""
+    """A console bar of the units (files, events) done, estimated from the tasks Spark's status
+    tracker reports complete in this run's job group (tasks are of about equal size)."""
 
-    def __init__(self, spark, n_tasks: int, n_events: int, enabled: bool):
+    def __init__(self, spark, description: str, n_tasks: int, n_units: int, unit: str, enabled: bool):
         self.tracker = spark.sparkContext.statusTracker()
-        self.n_tasks, self.n_events, self.enabled = n_tasks, n_events, enabled
+        self.description, self.unit, self.enabled = description, unit, enabled
+        self.n_tasks, self.n_units = n_tasks, n_units
         self.stop = threading.Event()
+        self.done_before = self._done_tasks() if enabled else 0
 
     def __enter__(self):
-        self.bar = progress_bar("ingesting", self.n_events, "events", enabled=self.enabled)
+        self.bar = progress_bar(self.description, self.n_units, self.unit, enabled=self.enabled)
         self.update = self.bar.__enter__()
         self.thread = threading.Thread(target=self._poll, daemon=True)
         self.thread.start()
@@ -170,13 +176,14 @@ class _spark_progress:
 
     def _poll(self):
         while not self.stop.wait(0.5):
-            self.update(completed=round(self.n_events * min(self._done_tasks(), self.n_tasks) / self.n_tasks))
+            done = min(self._done_tasks() - self.done_before, self.n_tasks)
+            self.update(completed=round(self.n_units * done / self.n_tasks))
 
     def __exit__(self, *exc):
         self.stop.set()
         self.thread.join()
         if exc[0] is None:
-            self.update(completed=self.n_events)
+            self.update(completed=self.n_units)
         self.bar.__exit__(*exc)
 
 
