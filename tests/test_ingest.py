@@ -144,3 +144,23 @@ def test_missing_dataset_glob_is_a_clear_error(spark, tmp_path):
     with pytest.raises(TopoflowError, match="no file matches"):
         ingest(ingest_config({"qcd": [str(tmp_path / "nothing-*.root")]}, str(tmp_path / "o")), spark,
                show_progress=False)
+
+
+def test_plan_packs_small_files_and_splits_large_ones():
+    from topoflow.datasource import plan
+    from topoflow.delphes import FileInfo
+
+    small = [(FileInfo(f"s{i}.root", 60, "Muon", "EFlowTrack.Charge"), 0) for i in range(10)]
+    big = [(FileInfo("big.root", 1000, "Muon", "EFlowTrack.Charge"), 1)]
+    splits = plan(small + big, max_entries=400)
+    assert all(sum(r.stop - r.start for r in s.ranges) <= 400 for s in splits)
+    covered = {}
+    for s in splits:
+        for r in s.ranges:
+            covered.setdefault(r.url, []).append((r.start, r.stop))
+    big_ranges = covered["big.root"]
+    assert big_ranges[0][0] == 0 and big_ranges[-1][1] == 1000 and len(big_ranges) > 1
+    assert all(a[1] == b[0] for a, b in zip(big_ranges, big_ranges[1:])), "no gap, no overlap"
+    assert all(v == [(0, 60)] for k, v in covered.items() if k != "big.root"), "small files never cut"
+    assert len(splits[0].ranges) == 6, "small files share a task"
+    assert len(plan(small, max_entries=10_000, min_partitions=4)) == 4, "enough tasks for all cores"

@@ -68,8 +68,8 @@ def _storage(options: dict[str, str]) -> StorageConfig:
 
 
 @dataclass
-class Range(InputPartition):
-    """One task's work: entries ``[start, stop)`` of one file, with the file's probed layout."""
+class Range:
+    """Entries ``[start, stop)`` of one file, with the file's probed layout."""
 
     url: str
     label: int
@@ -79,16 +79,40 @@ class Range(InputPartition):
     track_charge: str
 
 
-def plan(infos: list[tuple[delphes.FileInfo, int]], max_entries: int, min_partitions: int = 1) -> list[Range]:
-    """Split files into entry ranges of at most ``max_entries``, finer when there would be fewer
-    than ``min_partitions`` ranges, so that all executors get work."""
+@dataclass
+class Split(InputPartition):
+    """One task's work: ranges of one or more files (small files are packed together)."""
+
+    ranges: list[Range]
+
+
+def plan(infos: list[tuple[delphes.FileInfo, int]], max_entries: int, min_partitions: int = 1) -> list[Split]:
+    """Cut the files into tasks of at most ``max_entries`` entries (fewer when that would give less
+    than ``min_partitions`` tasks, so that all executors get work): large files are split into entry
+    ranges, small files packed together so that per-task overhead stays small."""
     total = sum(info.entries for info, _ in infos)
     step = max(1, min(max_entries, -(-total // max(min_partitions, 1))))
-    return [
-        Range(info.url, label, start, min(start + step, info.entries), info.muon, info.track_charge)
-        for info, label in infos
-        for start in range(0, info.entries, step)
-    ]
+    splits, current, room = [], [], step
+    for info, label in infos:
+        if room < info.entries <= step:  # a file that fits one task is never cut in two
+            splits.append(Split(current))
+            current, room = [], step
+        start = 0
+        while start < info.entries:
+            stop = min(info.entries, start + room)
+            current.append(Range(info.url, label, start, stop, info.muon, info.track_charge))
+            room -= stop - start
+            start = stop
+            if room == 0:
+                splits.append(Split(current))
+                current, room = [], step
+    if current:
+        splits.append(Split(current))
+    return splits
+
+
+def split_from_json(ranges: list[dict[str, Any]]) -> Split:
+    return Split([Range(**r) for r in ranges])
 
 
 def record_skip(errors_dir: str | None, cfg: StorageConfig, url: str, reason: str, entries=None) -> None:
@@ -126,9 +150,9 @@ class DelphesReader(DataSourceReader):
         self.errors_dir = options.get("errors_dir")
         self.options = options
 
-    def partitions(self) -> list[Range]:
+    def partitions(self) -> list[Split]:
         if "plan" in self.options:  # already probed by the ingest stage
-            return [Range(**r) for r in json.loads(self.options["plan"])]
+            return [split_from_json(ranges) for ranges in json.loads(self.options["plan"])]
         label = self.options.get("label")
         if label not in CLASSES:
             raise ConfigError(f"option 'label' must be one of {list(CLASSES)}, not {label!r}")
@@ -146,7 +170,11 @@ class DelphesReader(DataSourceReader):
         return plan(infos, int(self.options.get("entries_per_partition", 20_000)),
                     int(self.options.get("min_partitions", 1)))
 
-    def read(self, partition: Range) -> Iterator[pa.RecordBatch]:
+    def read(self, partition: Split) -> Iterator[pa.RecordBatch]:
+        for r in partition.ranges:
+            yield from self._read_range(r)
+
+    def _read_range(self, partition: Range) -> Iterator[pa.RecordBatch]:
         info = delphes.FileInfo(partition.url, partition.stop, partition.muon, partition.track_charge)
         done = partition.start
         try:

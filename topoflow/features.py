@@ -96,46 +96,69 @@ def delta_phi(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a - b + np.pi) % (2 * np.pi) - np.pi
 
 
-def cone_sums(
-    q_evt: np.ndarray, q_eta: np.ndarray, q_phi: np.ndarray, m: _Flat, weight: str,
-    self_index: np.ndarray | None = None, min_dr: float = 0.0,
-) -> np.ndarray:
-    """For each query particle, the sum of ``m[weight]`` over map particles of the same event with
-    ``min_dr ≤ ΔR < 0.3``, leaving out map entry ``self_index[q]`` (the query itself; −1: none).
+@dataclass
+class _Map:
+    """The isolation maps of a batch (tracks, photons, neutral hadrons) in one array, sorted by
+    event then η, so that one binary search finds every query's neighbours in all three."""
 
-    Candidates come from a binary search in η inside each event (the map sorted by event, then η),
-    so the work grows with the particles near each query, not with all pairs of the event.
+    evt: np.ndarray
+    eta: np.ndarray
+    phi: np.ndarray
+    weight: np.ndarray  # PT for tracks, ET for photons and neutral hadrons
+    kind: np.ndarray  # 0 track, 1 photon, 2 neutral hadron
+    keys: np.ndarray  # event * span + η: sorted
+    span: float
+    position: np.ndarray  # combined index (tracks, photons, neutrals back to back) → sorted index
+
+    @classmethod
+    def build(cls, parts: list[tuple[_Flat, str]]) -> _Map:
+        evt = np.concatenate([m.evt for m, _ in parts])
+        eta = np.concatenate([m["Eta"] for m, _ in parts])
+        order = np.lexsort((eta, evt))
+        span = 2 * (np.abs(eta).max() if len(eta) else 0) + 2 * ISO_CONE + 1
+        position = np.empty(len(order), dtype=np.int64)
+        position[order] = np.arange(len(order))
+        kind = np.repeat(np.arange(len(parts)), [len(m.evt) for m, _ in parts])
+        return cls(evt[order], eta[order], np.concatenate([m["Phi"] for m, _ in parts])[order],
+                   np.concatenate([m[w] for m, w in parts])[order], kind[order],
+                   evt[order] * span + eta[order], span, position)
+
+
+def cone_sums(
+    q_evt: np.ndarray, q_eta: np.ndarray, q_phi: np.ndarray, m: _Map,
+    self_index: np.ndarray | None = None, own_track_dr: float = 0.0,
+) -> np.ndarray:
+    """(n queries, 3): for each query, the summed weight of the tracks, photons and neutral hadrons
+    of its event with ΔR < 0.3, leaving out map entry ``self_index[q]`` (the query itself, as a
+    sorted map index) and tracks closer than ``own_track_dr`` (a lepton's own track).
+
+    Candidates come from a binary search in η inside each event, so the work grows with the
+    particles near each query, not with all pairs of the event.
     """
-    out = np.zeros(len(q_evt))
+    out = np.zeros(3 * len(q_evt))
     if len(q_evt) == 0 or len(m.evt) == 0:
-        return out
-    span = 2 * max(np.abs(m["Eta"]).max(), np.abs(q_eta).max()) + 2 * ISO_CONE + 1
-    order = np.lexsort((m["Eta"], m.evt))
-    keys = m.evt[order] * span + m["Eta"][order]
-    q_key = q_evt * span + q_eta
-    lo = np.searchsorted(keys, q_key - ISO_CONE, side="left")
-    hi = np.searchsorted(keys, q_key + ISO_CONE, side="right")
-    n = hi - lo
-    # Work through the queries in chunks of bounded candidate-pair count.
+        return out.reshape(-1, 3)
+    q_key = q_evt * m.span + q_eta
+    lo = np.searchsorted(m.keys, q_key - ISO_CONE, side="left")
+    n = np.searchsorted(m.keys, q_key + ISO_CONE, side="right") - lo
     ends = np.cumsum(n)
     start_q = 0
-    while start_q < len(q_evt):
+    while start_q < len(q_evt):  # chunks of bounded candidate-pair count
         base = ends[start_q - 1] if start_q else 0
         stop_q = max(int(np.searchsorted(ends, base + _PAIR_CHUNK, side="right")), start_q + 1)
-        qs = np.arange(start_q, stop_q)
-        cnt = n[qs]
-        pq = np.repeat(qs, cnt)
-        offset = np.arange(cnt.sum()) - np.repeat(np.cumsum(cnt) - cnt, cnt)
-        pm = order[lo[pq] + offset]
-        dr2 = (q_eta[pq] - m["Eta"][pm]) ** 2 + delta_phi(q_phi[pq], m["Phi"][pm]) ** 2
+        cnt = n[start_q:stop_q]
+        pq = np.repeat(np.arange(start_q, stop_q), cnt)
+        pm = lo[pq] + np.arange(len(pq)) - np.repeat(ends[start_q:stop_q] - cnt - base, cnt)
+        dr2 = (q_eta[pq] - m.eta[pm]) ** 2 + delta_phi(q_phi[pq], m.phi[pm]) ** 2
         keep = (dr2 < ISO_CONE**2) & (m.evt[pm] == q_evt[pq])
-        if min_dr > 0:
-            keep &= dr2 >= min_dr**2
+        if own_track_dr > 0:
+            keep &= (dr2 >= own_track_dr**2) | (m.kind[pm] != 0)
         if self_index is not None:
             keep &= pm != self_index[pq]
-        out += np.bincount(pq[keep], weights=m[weight][pm[keep]], minlength=len(q_evt))
+        pq, pm = pq[keep], pm[keep]
+        out += np.bincount(3 * pq + m.kind[pm], weights=m.weight[pm], minlength=len(out))
         start_q = stop_q
-    return out
+    return out.reshape(-1, 3)
 
 
 def _rank_in_event(evt: np.ndarray, key: np.ndarray) -> np.ndarray:
@@ -157,6 +180,8 @@ def compute(arrays: dict[str, ak.Array]) -> Features:
     photons = photons.take(np.flatnonzero(photons["ET"] > TOWER_ET_MIN))
     neutrals = neutrals.take(np.flatnonzero(neutrals["ET"] > TOWER_ET_MIN))
     maps = ((tracks, "PT"), (photons, "ET"), (neutrals, "ET"))
+    iso_map = _Map.build(list(maps))
+    first_index = np.cumsum([0] + [len(m.evt) for m, _ in maps])  # of each map in the combined one
 
     # Lepton candidates and their isolation.
     fields = ("PT", "Eta", "Phi", "Charge")
@@ -166,10 +191,7 @@ def compute(arrays: dict[str, ak.Array]) -> Features:
         np.concatenate([ele.evt, mu.evt]),
         {f: np.concatenate([ele[f], mu[f]]) for f in fields} | {"isEle": np.repeat([1.0, 0.0], [len(ele.evt), len(mu.evt)])},
     )
-    lep_iso = np.stack([
-        cone_sums(lep.evt, lep["Eta"], lep["Phi"], m, w, min_dr=OWN_TRACK_DR if m is tracks else 0.0)
-        for m, w in maps
-    ], axis=1) / lep["PT"][:, None]
+    lep_iso = cone_sums(lep.evt, lep["Eta"], lep["Phi"], iso_map, own_track_dr=OWN_TRACK_DR) / lep["PT"][:, None]
     isolated = np.flatnonzero(lep_iso.sum(axis=1) < ISO_MAX)
     best = isolated[np.lexsort((lep["isEle"][isolated] == 0, -lep["PT"][isolated], lep.evt[isolated]))]
     events, first = np.unique(lep.evt[best], return_index=True)
@@ -184,7 +206,7 @@ def compute(arrays: dict[str, ak.Array]) -> Features:
     # Particle rows: the lepton, then the capped tracks, photons and neutral hadrons.
     lepton_rows = _rows(slot[lep.evt], lep["PT"], lep["Eta"], lep["Phi"], lep_iso, None, lep)
     blocks = [(lepton_rows, np.full(n_sel, -1.0))]
-    for kind, (m, w), cap in zip(("track", "photon", "neutral"), maps, (MAX_TRACKS, MAX_PHOTONS, MAX_NEUTRALS)):
+    for i, (kind, (m, w), cap) in enumerate(zip(("track", "photon", "neutral"), maps, (MAX_TRACKS, MAX_PHOTONS, MAX_NEUTRALS))):
         in_sel = np.flatnonzero(slot[m.evt] >= 0)
         s = slot[m.evt[in_sel]]
         dr = np.hypot(m["Eta"][in_sel] - lep["Eta"][s], delta_phi(m["Phi"][in_sel], lep["Phi"][s]))
@@ -193,10 +215,8 @@ def compute(arrays: dict[str, ak.Array]) -> Features:
             in_sel, s, dr = in_sel[~own], s[~own], dr[~own]
         keep = _rank_in_event(s, m[w][in_sel]) < cap
         idx, s, dr = in_sel[keep], s[keep], dr[keep]
-        iso = np.stack([
-            cone_sums(m.evt[idx], m["Eta"][idx], m["Phi"][idx], other, ow, self_index=idx if other is m else None)
-            for other, ow in maps
-        ], axis=1) / m[w][idx][:, None]
+        me = iso_map.position[first_index[i] + idx]
+        iso = cone_sums(m.evt[idx], m["Eta"][idx], m["Phi"][idx], iso_map, self_index=me) / m[w][idx][:, None]
         blocks.append((_rows(s, m[w][idx], m["Eta"][idx], m["Phi"][idx], iso, kind, m.take(idx)), dr))
 
     rows = np.concatenate([b[0][1] for b in blocks])

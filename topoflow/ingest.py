@@ -13,7 +13,7 @@ import logging
 import re
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from topoflow import CLASSES, datasource, delphes, storage
 from topoflow.config import Config
@@ -69,7 +69,8 @@ def ingest(cfg: Config, spark=None, show_progress: bool = True) -> IngestSummary
     if not infos:
         raise BadInputError(", ".join(s["file"] for s in skipped) or "(none)", "no readable input file left",
                             "fix the inputs listed above")
-    ranges = datasource.plan(infos, ic.entries_per_partition, 2 * spark.sparkContext.defaultParallelism)
+    splits = datasource.plan(infos, ic.entries_per_partition, 2 * spark.sparkContext.defaultParallelism)
+    ranges = [r for split in splits for r in split.ranges]
     fs, out_path = storage.filesystem(ic.output, sc)
     for stale in fs.glob(out_path.rstrip("/") + ".staging-*"):  # left by a killed run
         storage.discard(fs, stale)
@@ -83,14 +84,14 @@ def ingest(cfg: Config, spark=None, show_progress: bool = True) -> IngestSummary
     options = datasource.storage_options(sc)
     df = (
         spark.read.format("delphes").options(**options)
-        .option("plan", json.dumps([r.__dict__ for r in ranges]))
+        .option("plan", json.dumps([[asdict(r) for r in split.ranges] for split in splits]))
         .option("batch_size", ic.batch_size)
         .option("on_bad_file", ic.on_bad_file)
         .option("errors_dir", storage.join(staging, "_errors"))
         .load()
     )
     total_events = sum(r.stop - r.start for r in ranges)
-    with _spark_progress(spark, "ingesting", len(ranges), total_events, "events", show_progress):
+    with _spark_progress(spark, "ingesting", len(splits), total_events, "events", show_progress):
         try:
             (df.write.format("fsparquet").mode("overwrite").options(**options)
              .option("staging", staging).option("row_group_size", ic.row_group_size)
