@@ -163,4 +163,4 @@ def test_plan_packs_small_files_and_splits_large_ones():
     assert all(a[1] == b[0] for a, b in zip(big_ranges, big_ranges[1:])), "no gap, no overlap"
     assert all(v == [(0, 60)] for k, v in covered.items() if k != "big.root"), "small files never cut"
     assert len(splits[0].ranges) == 6, "small files share a task"
-    assert len(plan(small, max_entries=10_000, min_partitions=4)) == 4, "enough tasks for all cores"
+    assert len(plan(small, max_entries=10_000, min_partitions=4)) >= 4, "enough tasks for all cores"
