@@ -92,8 +92,19 @@ def check_finite(arrays: dict[str, ak.Array]) -> None:
 
 
 def delta_phi(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """a − b wrapped into [-π, π)."""
-    return (a - b + np.pi) % (2 * np.pi) - np.pi
+    """a − b wrapped into [-π, π), for angles in [-π, π] (ROOT's convention for φ)."""
+    d = np.subtract(a, b, dtype=np.float64)
+    d[d >= np.pi] -= 2 * np.pi
+    d[d < -np.pi] += 2 * np.pi
+    return d
+
+
+def _group_order(group: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """Indices sorting by ``group`` (a non-negative integer) then increasing ``key``, in one sort."""
+    if len(key) == 0:
+        return np.zeros(0, dtype=np.int64)
+    lo, width = key.min(), np.ptp(key) + 1.0
+    return np.argsort(group * width + (key - lo), kind="stable")
 
 
 @dataclass
@@ -114,8 +125,8 @@ class _Map:
     def build(cls, parts: list[tuple[_Flat, str]]) -> _Map:
         evt = np.concatenate([m.evt for m, _ in parts])
         eta = np.concatenate([m["Eta"] for m, _ in parts])
-        order = np.lexsort((eta, evt))
         span = 2 * (np.abs(eta).max() if len(eta) else 0) + 2 * ISO_CONE + 1
+        order = _group_order(evt, eta)
         position = np.empty(len(order), dtype=np.int64)
         position[order] = np.arange(len(order))
         kind = np.repeat(np.arange(len(parts)), [len(m.evt) for m, _ in parts])
@@ -163,7 +174,7 @@ def cone_sums(
 
 def _rank_in_event(evt: np.ndarray, key: np.ndarray) -> np.ndarray:
     """Rank of each entry within its event by decreasing ``key`` (0 = largest)."""
-    order = np.lexsort((-key, evt))
+    order = _group_order(evt, -key)
     sorted_evt = evt[order]
     rank = np.empty(len(evt), dtype=np.int64)
     rank[order] = np.arange(len(evt)) - np.searchsorted(sorted_evt, sorted_evt, side="left")
@@ -222,7 +233,7 @@ def compute(arrays: dict[str, ak.Array]) -> Features:
     rows = np.concatenate([b[0][1] for b in blocks])
     owner = np.concatenate([b[0][0] for b in blocks])
     dr = np.concatenate([b[1] for b in blocks])
-    order = np.lexsort((np.arange(len(owner)), -dr, owner))  # by event, then decreasing ΔR; lepton last
+    order = _group_order(owner, -dr)  # by event, then decreasing ΔR (stable); the lepton (ΔR -1) last
     counts = np.bincount(owner, minlength=n_sel)
     return Features(events=events, hlf=hlf, particles=rows[order], counts=counts)
 
