@@ -42,7 +42,8 @@ class IngestSummary:
                 lines.append(f"{c:<8}{read:>12,}{sel:>12,}{sel / read:>10.1%}")
         total = sum(self.events_read.values())
         lines.append(f"{'total':<8}{total:>12,}{sum(self.selected.values()):>12,}")
-        lines.append(f"{total / max(self.seconds, 1e-9):,.0f} events/s; bad files: {len(self.skipped)}")
+        lines.append(f"{self.seconds:.1f} s, {total / max(self.seconds, 1e-9):,.0f} events/s (Spark start-up "
+                     f"included); bad files: {len(self.skipped)}")
         for s in self.skipped:
             where = ", ".join(f"{lo}-{hi}" for lo, hi in s["entries"] or [])
             lines.append(f"  skipped {s['file']}{' entries ' + where if where else ''}: {s['reason']}")
@@ -163,7 +164,8 @@ class _spark_progress:
         self.bar = progress_bar(self.description, self.n_units, self.unit, enabled=self.enabled)
         self.update = self.bar.__enter__()
         self.thread = threading.Thread(target=self._poll, daemon=True)
-        self.thread.start()
+        if self.enabled:
+            self.thread.start()
         return self
 
     def _done_tasks(self) -> int:
@@ -182,7 +184,8 @@ class _spark_progress:
 
     def __exit__(self, *exc):
         self.stop.set()
-        self.thread.join()
+        if self.thread.is_alive():
+            self.thread.join()
         if exc[0] is None:
             self.update(completed=self.n_units)
         self.bar.__exit__(*exc)
