@@ -109,12 +109,26 @@ class IngestConfig(_Section):
         return value
 
 
+class PrepareConfig(_Section):
+    """What ``topoflow prepare`` reads and writes."""
+
+    input: str = Field("out/ingested", description="URL of an ingested dataset (or, with from_original, "
+                       "of Parquet in the original CERN schema)")
+    output: str = Field("out/prepared", description="URL of the training/test datasets to write")
+    from_original: bool = Field(False, description="input has HLF_input, GRU_input (801×19 padded), encoded_label")
+    seed: int = Field(42, description="seeds balancing, the split and the shuffle")
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    balance: bool = Field(True, description="undersample every class to the smallest one")
+    row_group_size: int = Field(1_000, ge=1, description="events per Parquet row group (bounds reader memory)")
+
+
 class Config(_Section):
     """The whole configuration; one section per concern."""
 
     spark: SparkConfig = Field(default_factory=SparkConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
+    prepare: PrepareConfig = Field(default_factory=PrepareConfig)
 
     def to_yaml(self) -> str:
         """The effective configuration as YAML (secrets masked)."""

@@ -219,7 +219,9 @@ class PartWritten(WriterCommitMessage):
 
 
 class FsParquetDataSource(DataSource):
-    """``df.write.format("fsparquet")``. Options: ``path`` (target URL), ``row_group_size``,
+    """Parquet at any fsspec URL. ``spark.read.format("fsparquet").load(url)`` reads a dataset: the
+    files its manifest lists, or every ``*.parquet`` below ``url`` for data written by others.
+    ``df.write.format("fsparquet")`` options: ``path`` (target URL), ``row_group_size``,
     ``staging`` (URL to write parts to before publishing), ``meta`` (JSON kept in the manifest),
     ``skipped`` (JSON list of files already left out) and the storage options."""
 
@@ -227,8 +229,52 @@ class FsParquetDataSource(DataSource):
     def name(cls) -> str:
         return "fsparquet"
 
+    def schema(self):
+        import pyarrow.parquet as pq
+        from pyspark.sql.pandas.types import from_arrow_schema
+
+        files = parquet_files(self.options["path"], _storage(self.options))
+        fs, _ = storage.filesystem(self.options["path"], _storage(self.options))
+        with fs.open(files[0]) as f:
+            return from_arrow_schema(pq.read_schema(f))
+
+    def reader(self, schema) -> DataSourceReader:
+        return FsParquetReader(self.options, [f.name for f in schema.fields])
+
     def writer(self, schema, overwrite: bool) -> FsParquetWriter:
         return FsParquetWriter(self.options, overwrite)
+
+
+def parquet_files(url: str, cfg: StorageConfig) -> list[str]:
+    """The data files of a dataset (paths inside its filesystem), or an error saying why there are none."""
+    fs, path = storage.filesystem(url, cfg)
+    with storage.storage_errors(url):
+        manifest = storage.join(path, storage.MANIFEST)
+        if fs.exists(manifest):
+            with fs.open(manifest) as f:
+                return [storage.join(path, part["name"]) for part in json.load(f)["files"]]
+        found = sorted(fs.glob(storage.join(path, "**/*.parquet")) or fs.glob(path))
+    found = [p for p in found if not p.rsplit("/", 1)[-1].startswith(("_", "."))]
+    if not found:
+        raise BadInputError(url, "no Parquet files here", "point at a dataset written by topoflow (with "
+                            f"{storage.MANIFEST}) or at a directory of .parquet files")
+    return found
+
+
+class FsParquetReader(DataSourceReader):
+    def __init__(self, options: dict[str, str], columns: list[str]):
+        self.cfg = _storage(options)
+        self.url, self.columns = options["path"], columns
+
+    def partitions(self) -> list[InputPartition]:
+        return [InputPartition(p) for p in parquet_files(self.url, self.cfg)]
+
+    def read(self, partition: InputPartition) -> Iterator[pa.RecordBatch]:
+        import pyarrow.parquet as pq
+
+        fs, _ = storage.filesystem(self.url, self.cfg)
+        with storage.storage_errors(self.url), fs.open(partition.value) as f:
+            yield from pq.ParquetFile(f).iter_batches(batch_size=1024, columns=self.columns)
 
 
 class FsParquetWriter(DataSourceArrowWriter):

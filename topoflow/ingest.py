@@ -10,15 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 
 from topoflow import CLASSES, datasource, delphes, storage
 from topoflow.config import Config
-from topoflow.errors import BadInputError, ConfigError, StorageError, TopoflowError
-from topoflow.progress import progress_bar
+from topoflow.errors import BadInputError, ConfigError
+from topoflow.progress import spark_progress
+from topoflow.spark import job_error
 
 log = logging.getLogger(__name__)
 _JOB_GROUP = "topoflow-ingest"
@@ -92,14 +91,14 @@ def ingest(cfg: Config, spark=None, show_progress: bool = True) -> IngestSummary
         .load()
     )
     total_events = sum(r.stop - r.start for r in ranges)
-    with _spark_progress(spark, "ingesting", len(splits), total_events, "events", show_progress):
+    with spark_progress(spark, "ingesting", len(splits), total_events, "events", show_progress):
         try:
             (df.write.format("fsparquet").mode("overwrite").options(**options)
              .option("staging", staging).option("row_group_size", ic.row_group_size)
              .option("meta", json.dumps(meta)).option("skipped", json.dumps(skipped))
              .save(ic.output))
         except Exception as e:
-            raise _user_error(e) from e
+            raise job_error(e) from e
     manifest = storage.read_manifest(ic.output, sc)
     skipped = datasource.skipped_files(ic.output, sc)
     events_read = meta["events_read"]
@@ -126,11 +125,11 @@ def _probe_all(cfg: Config, spark, show_progress: bool) -> tuple[list[tuple[delp
             return None, label, {"file": e.url, "reason": e.problem, "fix": e.fix}
 
     slices = max(1, min(len(urls), 4 * spark.sparkContext.defaultParallelism))
-    with _spark_progress(spark, "checking files", slices, len(urls), "files", show_progress):
+    with spark_progress(spark, "checking files", slices, len(urls), "files", show_progress):
         try:
             results = spark.sparkContext.parallelize(urls, slices).map(probe).collect()
         except Exception as e:
-            raise _user_error(e) from e
+            raise job_error(e) from e
     infos, skipped = [], []
     for info, label, error in results:
         if error is None:
@@ -147,59 +146,3 @@ def _events_per_class(ranges) -> dict[str, int]:
     for r in ranges:
         out[CLASSES[r.label]] += r.stop - r.start
     return out
-
-
-class _spark_progress:
-    """A console bar of the units (files, events) done, estimated from the tasks Spark's status
-    tracker reports complete in this run's job group (tasks are of about equal size)."""
-
-    def __init__(self, spark, description: str, n_tasks: int, n_units: int, unit: str, enabled: bool):
-        self.tracker = spark.sparkContext.statusTracker()
-        self.description, self.unit, self.enabled = description, unit, enabled
-        self.n_tasks, self.n_units = n_tasks, n_units
-        self.stop = threading.Event()
-        self.done_before = self._done_tasks() if enabled else 0
-
-    def __enter__(self):
-        self.bar = progress_bar(self.description, self.n_units, self.unit, enabled=self.enabled)
-        self.update = self.bar.__enter__()
-        self.thread = threading.Thread(target=self._poll, daemon=True)
-        if self.enabled:
-            self.thread.start()
-        return self
-
-    def _done_tasks(self) -> int:
-        done = 0
-        for job in self.tracker.getJobIdsForGroup(_JOB_GROUP):
-            info = self.tracker.getJobInfo(job)
-            for stage in info.stageIds if info else ():
-                s = self.tracker.getStageInfo(stage)
-                done += s.numCompletedTasks if s else 0
-        return done
-
-    def _poll(self):
-        while not self.stop.wait(0.5):
-            done = min(self._done_tasks() - self.done_before, self.n_tasks)
-            self.update(completed=round(self.n_units * done / self.n_tasks))
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        if self.thread.is_alive():
-            self.thread.join()
-        if exc[0] is None:
-            self.update(completed=self.n_units)
-        self.bar.__exit__(*exc)
-
-
-_REMOTE_ERROR = re.compile(r"topoflow\.errors\.(\w+): (.*?)(?:\n\s*\n|\n\tat |\Z)", re.S)
-
-
-def _user_error(e: Exception) -> Exception:
-    """Recover our own error from a failed Spark job (it arrives as text inside a Java exception)."""
-    found = _REMOTE_ERROR.findall(str(e))
-    if not found:
-        return e
-    kind, text = found[-1]
-    cls = {"BadInputError": TopoflowError, "StorageError": StorageError, "ConfigError": ConfigError}.get(kind, TopoflowError)
-    return cls(text.strip())
-

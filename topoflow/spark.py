@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
 from topoflow.config import SparkConfig
+from topoflow.errors import ConfigError, StorageError, TopoflowError
 
 log = logging.getLogger(__name__)
 
@@ -48,3 +50,16 @@ def session(cfg: SparkConfig):
     register(spark)
     log.info("Spark %s, master %s", spark.version, cfg.master)
     return spark
+
+
+_REMOTE_ERROR = re.compile(r"topoflow\.errors\.(\w+): (.*?)(?:\n\s*\n|\n\tat |\Z)", re.S)
+
+
+def job_error(e: Exception) -> Exception:
+    """Recover our own error from a failed Spark job (it arrives as text inside a Java exception)."""
+    found = _REMOTE_ERROR.findall(str(e))
+    if not found:
+        return e
+    kind, text = found[-1]
+    cls = {"BadInputError": TopoflowError, "StorageError": StorageError, "ConfigError": ConfigError}.get(kind, TopoflowError)
+    return cls(text.strip())

@@ -1,0 +1,118 @@
+"""The fitted preprocessing: one versioned JSON artifact that preparation writes and training,
+evaluation and serving load, so that a served model sees exactly the transform it was trained with.
+
+HLF are min-max scaled to [0, 1] (as the original); particle features are standardised with means
+and standard deviations over real particles only (padding never enters the statistics).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from topoflow import CLASSES
+from topoflow.errors import BadInputError
+from topoflow.features import HLF_NAMES, PARTICLE_NAMES
+
+FORMAT, VERSION = "topoflow-preprocessing", 1
+FILE_NAME = "preprocessing.json"
+
+
+@dataclass
+class Moments:
+    """Count, mean and sum of squared deviations per feature, mergeable across partitions (Chan et al.)."""
+
+    n: float
+    mean: np.ndarray
+    m2: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+
+    @classmethod
+    def of(cls, x: np.ndarray) -> Moments:
+        width = x.shape[1]
+        if len(x) == 0:
+            return cls(0.0, np.zeros(width), np.zeros(width), np.full(width, np.inf), np.full(width, -np.inf))
+        mean = x.mean(axis=0)
+        return cls(float(len(x)), mean, ((x - mean) ** 2).sum(axis=0), x.min(axis=0), x.max(axis=0))
+
+    def merge(self, other: Moments) -> Moments:
+        n = self.n + other.n
+        if n == 0:
+            return self
+        delta = other.mean - self.mean
+        mean = self.mean + delta * other.n / n
+        m2 = self.m2 + other.m2 + delta**2 * self.n * other.n / n
+        return Moments(n, mean, m2, np.minimum(self.low, other.low), np.maximum(self.high, other.high))
+
+    def std(self) -> np.ndarray:
+        return np.sqrt(self.m2 / max(self.n, 1.0))
+
+    def to_list(self) -> list:
+        return [self.n, self.mean.tolist(), self.m2.tolist(), self.low.tolist(), self.high.tolist()]
+
+    @classmethod
+    def from_list(cls, v: list) -> Moments:
+        return cls(v[0], *(np.asarray(a, dtype=np.float64) for a in v[1:]))
+
+
+@dataclass
+class Preprocessing:
+    hlf_min: np.ndarray
+    hlf_max: np.ndarray
+    particle_mean: np.ndarray
+    particle_std: np.ndarray
+    fitted_on: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def fit(cls, hlf: Moments, particles: Moments, fitted_on: dict[str, Any]) -> Preprocessing:
+        return cls(hlf.low, hlf.high, particles.mean, particles.std(), fitted_on)
+
+    def transform_hlf(self, hlf: np.ndarray) -> np.ndarray:
+        span = self.hlf_max - self.hlf_min
+        return ((hlf - self.hlf_min) / np.where(span > 0, span, 1.0)).astype(np.float32)
+
+    def transform_particles(self, rows: np.ndarray) -> np.ndarray:
+        return ((rows - self.particle_mean) / np.where(self.particle_std > 0, self.particle_std, 1.0)).astype(np.float32)
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "format": FORMAT, "version": VERSION, "classes": list(CLASSES),
+            "hlf": {"names": list(HLF_NAMES), "method": "minmax", "min": self.hlf_min.tolist(),
+                    "max": self.hlf_max.tolist()},
+            "particles": {"names": list(PARTICLE_NAMES), "method": "standard", "mean": self.particle_mean.tolist(),
+                          "std": self.particle_std.tolist(), "padding": "zero rows appended at the end, masked"},
+            "fitted_on": self.fitted_on,
+        }, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "preprocessing artifact") -> Preprocessing:
+        try:
+            d = json.loads(text)
+            if d.get("format") != FORMAT or d.get("version") != VERSION:
+                raise BadInputError(where, f"not a {FORMAT} v{VERSION} artifact (format {d.get('format')!r}, "
+                                    f"version {d.get('version')!r})", "re-run topoflow prepare with this topoflow")
+            arrays = [np.asarray(v, dtype=np.float64) for v in
+                      (d["hlf"]["min"], d["hlf"]["max"], d["particles"]["mean"], d["particles"]["std"])]
+        except (ValueError, KeyError, TypeError) as e:
+            raise BadInputError(where, f"unreadable preprocessing artifact: {e}", "re-run topoflow prepare") from e
+        if [len(a) for a in arrays] != [len(HLF_NAMES)] * 2 + [len(PARTICLE_NAMES)] * 2:
+            raise BadInputError(where, "preprocessing artifact has the wrong number of features",
+                                "re-run topoflow prepare")
+        return cls(*arrays, fitted_on=d.get("fitted_on", {}))
+
+    @classmethod
+    def load(cls, dataset_url: str, cfg) -> Preprocessing:
+        """The artifact of a prepared dataset (``<url>/preprocessing.json``)."""
+        from topoflow import storage
+
+        fs, path = storage.filesystem(dataset_url, cfg)
+        p = storage.join(path, FILE_NAME)
+        with storage.storage_errors(dataset_url):
+            if not fs.exists(p):
+                raise BadInputError(dataset_url, f"no {FILE_NAME}: not a prepared dataset",
+                                    "run topoflow prepare on the ingested dataset first")
+            return cls.from_json(fs.cat(p).decode(), f"{dataset_url}/{FILE_NAME}")
