@@ -38,6 +38,21 @@ examples:
 """
 
 
+_PREPARE_HELP = """\
+Turn an ingested dataset into training and test datasets: undersample every class to the
+smallest (seeded), split 80/20 by a hash of each event (the same event always lands in the same
+split), shuffle the training set, fit the scalers on the training split only (HLF min-max,
+particle features standardised over real particles) and apply them.
+
+Writes <output>/train, <output>/test and <output>/preprocessing.json (the fitted transform that
+training, evaluation and serving load), all published at once; particle lists stay unpadded.
+
+examples:
+  topoflow prepare --input out/ingested --output out/prepared
+  topoflow prepare --from-original --input s3://bucket/cern-published/trainUndersampled.parquet
+"""
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", metavar="FILE", help="YAML file with any settings")
@@ -62,6 +77,18 @@ def _parser() -> argparse.ArgumentParser:
     ing.add_argument("--master", metavar="URL", help="Spark master (spark.master), e.g. local[4] or k8s://…")
     ing.add_argument("--no-progress", action="store_true", help="no progress bar")
     ing.set_defaults(run=_run_ingest)
+
+    prep = sub.add_parser("prepare", parents=[common], help="ingested events → balanced, split, scaled datasets",
+                          description=_PREPARE_HELP, epilog=_EPILOG,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    prep.add_argument("--input", metavar="URL", help="ingested dataset (prepare.input)")
+    prep.add_argument("--output", metavar="URL", help="where to write (prepare.output)")
+    prep.add_argument("--from-original", action="store_true",
+                      help="input is in the original CERN schema (HLF_input, GRU_input, encoded_label)")
+    prep.add_argument("--seed", type=int, help="seed of balancing, split and shuffle (prepare.seed)")
+    prep.add_argument("--master", metavar="URL", help="Spark master (spark.master)")
+    prep.add_argument("--no-progress", action="store_true", help="no progress bar")
+    prep.set_defaults(run=_run_prepare)
 
     cfg = sub.add_parser("config", parents=[common], help="print the effective settings as YAML",
                          description="Print every setting with its effective value (defaults, file, --set).")
@@ -93,7 +120,23 @@ def _run_ingest(config: Config, args) -> None:
     print(ingest(config, show_progress=not args.no_progress).table())
 
 
-_STAGE_OVERRIDES = {"ingest": _ingest_overrides}
+def _prepare_overrides(args) -> list[str]:
+    out = [f"prepare.{k}={json.dumps(v)}" for k, v in (("input", args.input), ("output", args.output),
+                                                       ("seed", args.seed)) if v is not None]
+    if args.from_original:
+        out.append("prepare.from_original=true")
+    if args.master:
+        out.append(f"spark.master={json.dumps(args.master)}")
+    return out
+
+
+def _run_prepare(config: Config, args) -> None:
+    from topoflow.prepare import prepare
+
+    print(prepare(config, show_progress=not args.no_progress).table())
+
+
+_STAGE_OVERRIDES = {"ingest": _ingest_overrides, "prepare": _prepare_overrides}
 
 
 def main(argv: list[str] | None = None) -> int:
