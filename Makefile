@@ -32,12 +32,14 @@ run: install system-deps
 	$(BIN)/topoflow ingest --config configs/default.yaml \
 		--dataset qcd='$(DELPHES_DIR)/qcd_*.root' --dataset ttbar='$(DELPHES_DIR)/ttbar_*.root' \
 		--dataset wjets='$(DELPHES_DIR)/wjets_*.root'
+	$(BIN)/topoflow prepare --config configs/default.yaml
 
 test: install system-deps
 	$(BIN)/python -m pytest
 
 bench: install system-deps
 	$(BIN)/python benchmarks/ingest_throughput.py
+	$(BIN)/python benchmarks/input_pipeline.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -76,3 +76,18 @@ def test_cli_ingest_end_to_end(delphes_dir, tmp_path):
     bad = subprocess.run(cmd[:-3] + [f"--dataset=ttbar={tmp_path / 'missing.root'}"], capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "no file matches" in bad.stderr
+
+
+def test_prepare_help_and_flags(capsys):
+    with pytest.raises(SystemExit):
+        main(["prepare", "--help"])
+    text = capsys.readouterr().out
+    assert "--from-original" in text and "preprocessing.json" in text and "examples:" in text
+    assert main(["config", "--set", "prepare.seed=3"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["prepare"]["seed"] == 3
+
+
+def test_prepare_on_missing_input_is_a_clear_error(tmp_path, capsys):
+    assert main(["prepare", "--no-progress", "--input", str(tmp_path / "none"), "--output", str(tmp_path / "o"),
+                 "--master", "local[1]"]) == 2
+    assert "no Parquet files here" in capsys.readouterr().err
