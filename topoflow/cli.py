@@ -53,6 +53,32 @@ examples:
 """
 
 
+_TRAIN_HELP = """\
+Train one of the three classifiers of SPEC.md (hlf, gru, inclusive) on a prepared dataset,
+streamed from any URL, on CPU or GPU(s), then export it for serving: model.keras, saved_model/,
+model.onnx, preprocessing.json and a model card, in one folder.
+
+Every epoch is checkpointed (checkpoint_dir) and prints `epoch=N loss=… val_auc=…` (the format
+Katib's StdOut collector reads); TensorBoard logs go to <checkpoint_dir>/logs. A killed run
+continues with --resume and reaches the same result.
+
+examples:
+  topoflow train --model inclusive --epochs 6
+  topoflow train --model gru --set train.bucket=true --set train.gru_units=64
+  topoflow train --model inclusive --resume
+"""
+
+_EVALUATE_HELP = """\
+Evaluate exported models on the whole test split and write one report comparing them:
+per-class ROC AUC, accuracy, confusion matrix, the trigger view (signal efficiency at 1 % and
+10 % false-positive rate, false-positive rate at 99 % efficiency) as report.json, report.md and
+PNG plots (ROC per class, confusion, score distributions, training curves).
+
+examples:
+  topoflow evaluate --model out/models/hlf --model out/models/inclusive
+"""
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", metavar="FILE", help="YAML file with any settings")
@@ -89,6 +115,23 @@ def _parser() -> argparse.ArgumentParser:
     prep.add_argument("--master", metavar="URL", help="Spark master (spark.master)")
     prep.add_argument("--no-progress", action="store_true", help="no progress bar")
     prep.set_defaults(run=_run_prepare)
+
+    tr = sub.add_parser("train", parents=[common], help="prepared data → trained, exported classifier",
+                        description=_TRAIN_HELP, epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    tr.add_argument("--model", choices=("hlf", "gru", "inclusive"), help="which classifier (train.model)")
+    tr.add_argument("--data", metavar="URL", help="prepared dataset (train.data)")
+    tr.add_argument("--output", metavar="URL", help="export folder (train.output)")
+    tr.add_argument("--epochs", type=int, help="train.epochs")
+    tr.add_argument("--resume", action="store_true", help="continue from the last checkpointed epoch")
+    tr.add_argument("--no-progress", action="store_true", help="no per-batch progress bar")
+    tr.set_defaults(run=_run_train)
+
+    ev = sub.add_parser("evaluate", parents=[common], help="trained models → comparative physics report",
+                        description=_EVALUATE_HELP, epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ev.add_argument("--model", action="append", default=[], metavar="URL", help="exported model folder (repeatable)")
+    ev.add_argument("--data", metavar="URL", help="prepared dataset (evaluate.data)")
+    ev.add_argument("--output", metavar="URL", help="report folder (evaluate.output)")
+    ev.set_defaults(run=lambda config, args: print(__import__("topoflow.evaluate").evaluate.evaluate(config).table()))
 
     cfg = sub.add_parser("config", parents=[common], help="print the effective settings as YAML",
                          description="Print every setting with its effective value (defaults, file, --set).")
@@ -136,7 +179,23 @@ def _run_prepare(config: Config, args) -> None:
     print(prepare(config, show_progress=not args.no_progress).table())
 
 
-_STAGE_OVERRIDES = {"ingest": _ingest_overrides, "prepare": _prepare_overrides}
+def _flag_overrides(section: str, args, names: tuple[str, ...]) -> list[str]:
+    return [f"{section}.{n}={json.dumps(getattr(args, n))}" for n in names if getattr(args, n, None) is not None]
+
+
+def _run_train(config: Config, args) -> None:
+    from topoflow.train import train
+
+    print(train(config, resume=args.resume, show_progress=not args.no_progress).table())
+
+
+_STAGE_OVERRIDES = {
+    "ingest": _ingest_overrides,
+    "prepare": _prepare_overrides,
+    "train": lambda a: _flag_overrides("train", a, ("model", "data", "output", "epochs")),
+    "evaluate": lambda a: _flag_overrides("evaluate", a, ("data", "output"))
+    + ([f"evaluate.models={json.dumps(a.model)}"] if a.model else []),
+}
 
 
 def main(argv: list[str] | None = None) -> int:

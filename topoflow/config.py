@@ -122,6 +122,38 @@ class PrepareConfig(_Section):
     row_group_size: int = Field(1_000, ge=1, description="events per Parquet row group (bounds reader memory)")
 
 
+class TrainConfig(_Section):
+    """What ``topoflow train`` trains (the sizes are the knobs tuning turns)."""
+
+    data: str = Field("out/prepared", description="URL of a prepared dataset (train/, test/, preprocessing.json)")
+    model: Literal["hlf", "gru", "inclusive"] = Field("inclusive", description="which classifier of SPEC.md")
+    output: str = Field("out/models/{model}", description="URL of the exported model folder")
+    checkpoint_dir: str = Field("out/checkpoints/{model}", description="local folder for checkpoints and logs")
+    gru_units: int = Field(50, ge=1)
+    hlf_units: list[int] = Field(default_factory=lambda: [50, 20, 10], description="hidden layers of the HLF model")
+    dense_units: int = Field(25, ge=1, description="the inclusive model's dense layer")
+    dropout: float = Field(0.2, ge=0, lt=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    batch_size: int = Field(128, ge=1)
+    epochs: int = Field(6, ge=1)
+    steps_per_epoch: int | None = Field(None, ge=1, description="cap on batches per epoch (quick runs)")
+    bucket: bool = Field(False, description="group sequences of similar length into batches")
+    mixed_precision: bool = Field(False, description="float16 compute on GPU")
+    seed: int = 42
+
+    def resolved(self, text: str) -> str:
+        return text.format(model=self.model)
+
+
+class EvaluateConfig(_Section):
+    """What ``topoflow evaluate`` compares."""
+
+    data: str = Field("out/prepared", description="prepared dataset whose test split is used")
+    models: list[str] = Field(default_factory=lambda: ["out/models/inclusive"], description="exported model folders")
+    output: str = Field("out/report", description="URL of the report folder (JSON, Markdown, PNG)")
+    batch_size: int = Field(1024, ge=1)
+
+
 class Config(_Section):
     """The whole configuration; one section per concern."""
 
@@ -129,6 +161,8 @@ class Config(_Section):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     prepare: PrepareConfig = Field(default_factory=PrepareConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
     def to_yaml(self) -> str:
         """The effective configuration as YAML (secrets masked)."""

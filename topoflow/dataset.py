@@ -18,6 +18,7 @@ from topoflow.config import StorageConfig
 from topoflow.features import HLF_NAMES, PARTICLE_NAMES
 
 MAX_PARTICLES = 801
+INPUTS = ("hlf", "particles")
 
 
 def pad_particles(particles: pa.ListArray, max_len: int = MAX_PARTICLES) -> np.ndarray:
@@ -36,18 +37,23 @@ def pad_particles(particles: pa.ListArray, max_len: int = MAX_PARTICLES) -> np.n
     return out
 
 
-def _to_arrays(batch: pa.RecordBatch, max_len: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def _to_arrays(batch: pa.RecordBatch, inputs, max_len: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
     n = batch.num_rows
-    hlf = np.asarray(batch.column("hlf").flatten().to_numpy(), dtype=np.float32).reshape(n, len(HLF_NAMES))
-    labels = np.eye(len(CLASSES), dtype=np.float32)[batch.column("label").to_numpy()]
-    return {"hlf": hlf, "particles": pad_particles(batch.column("particles"), max_len)}, labels
+    x = {}
+    if "hlf" in inputs:
+        x["hlf"] = np.asarray(batch.column("hlf").flatten().to_numpy(), dtype=np.float32).reshape(n, len(HLF_NAMES))
+    if "particles" in inputs:
+        x["particles"] = pad_particles(batch.column("particles"), max_len)
+    return x, np.eye(len(CLASSES), dtype=np.float32)[batch.column("label").to_numpy()]
 
 
 def iter_batches(
     url: str, cfg: StorageConfig, batch_size: int, *, shuffle: bool = False, seed: int = 0,
     bucket: bool = False, window_batches: int = 16, max_particles: int = MAX_PARTICLES,
+    inputs: tuple[str, ...] = INPUTS,
 ) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
-    """One pass over the dataset: ``({"hlf", "particles"}, one-hot labels)`` per batch.
+    """One pass over the dataset: ``({"hlf", "particles"}, one-hot labels)`` per batch; only the
+    ``inputs`` named are read (the HLF model never decodes particle lists).
 
     ``shuffle``: file order and rows inside each window of ``window_batches`` batches are
     permuted (seeded). ``bucket``: rows of a window are sorted by length before being cut into
@@ -76,12 +82,12 @@ def iter_batches(
         if usable > full:
             starts.append(full)  # the one short batch comes last
         for s in starts:
-            yield _to_arrays(rows.slice(s, batch_size).combine_chunks().to_batches()[0], max_particles)
+            yield _to_arrays(rows.slice(s, batch_size).combine_chunks().to_batches()[0], inputs, max_particles)
         return rows.slice(usable)
 
     import pyarrow.parquet as pq
 
-    columns = ["label", "hlf", "particles", "n_particles"]
+    columns = ["label", "n_particles", *inputs]
     pending: list[pa.RecordBatch] = []
     held = 0
     for path in files:
@@ -111,23 +117,23 @@ def num_rows(url: str, cfg: StorageConfig) -> int:
 
 
 def tf_dataset(url: str, cfg: StorageConfig, batch_size: int, *, shuffle: bool = False, seed: int = 0,
-               bucket: bool = False, max_particles: int = MAX_PARTICLES):
+               bucket: bool = False, max_particles: int = MAX_PARTICLES, inputs: tuple[str, ...] = INPUTS,
+               first_epoch: int = 0):
     """A ``tf.data.Dataset`` of ``({"hlf", "particles"}, labels)`` streaming from ``url``, prefetched.
-    Each new iteration (epoch) reshuffles with a different seed."""
+    Epoch ``k`` (counted from ``first_epoch``, for resumed training) shuffles with seed ``seed + k``,
+    so a resumed run sees the same data order as an uninterrupted one."""
     from topoflow.tf import import_tensorflow
 
     tf = import_tensorflow()
-    epoch = iter(range(1 << 30))
+    epoch = iter(range(first_epoch, 1 << 30))
 
     def generator():
         yield from iter_batches(url, cfg, batch_size, shuffle=shuffle, seed=seed + next(epoch), bucket=bucket,
-                                max_particles=max_particles)
+                                max_particles=max_particles, inputs=inputs)
 
-    signature = (
-        {"hlf": tf.TensorSpec((None, len(HLF_NAMES)), tf.float32),
-         "particles": tf.TensorSpec((None, None, len(PARTICLE_NAMES)), tf.float32)},
-        tf.TensorSpec((None, len(CLASSES)), tf.float32),
-    )
+    specs = {"hlf": tf.TensorSpec((None, len(HLF_NAMES)), tf.float32),
+             "particles": tf.TensorSpec((None, None, len(PARTICLE_NAMES)), tf.float32)}
+    signature = ({k: specs[k] for k in inputs}, tf.TensorSpec((None, len(CLASSES)), tf.float32))
     batches = -(-num_rows(url, cfg) // batch_size)  # every batch is full but the last
     ds = tf.data.Dataset.from_generator(generator, output_signature=signature)
     return ds.apply(tf.data.experimental.assert_cardinality(batches)).prefetch(tf.data.AUTOTUNE)

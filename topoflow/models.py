@@ -1,0 +1,43 @@
+"""The three classifiers of SPEC.md, built by name with configurable sizes (Keras 3).
+
+All take the dict ``{"hlf": (batch, 14), "particles": (batch, steps, 19)}`` (each uses what it
+needs) and output softmax probabilities in the class order of :data:`topoflow.CLASSES`. The GRU
+sees sequences padded at the end and masked, which keeps it on the fused (cuDNN) kernel on GPUs.
+"""
+
+from __future__ import annotations
+
+from topoflow.config import TrainConfig
+from topoflow.features import HLF_NAMES, PARTICLE_NAMES
+from topoflow.tf import import_tensorflow
+
+MODELS = ("hlf", "gru", "inclusive")
+INPUTS = {"hlf": ("hlf",), "gru": ("particles",), "inclusive": ("hlf", "particles")}
+
+
+def build(cfg: TrainConfig):
+    """A compiled model for ``cfg.model`` (Adam, categorical cross-entropy, accuracy and AUC)."""
+    import_tensorflow()
+    import keras
+    from keras import layers
+
+    hlf = keras.Input((len(HLF_NAMES),), name="hlf")
+    seq = keras.Input((None, len(PARTICLE_NAMES)), name="particles")
+
+    def sequence_branch():
+        return layers.Dropout(cfg.dropout)(layers.GRU(cfg.gru_units, name="gru")(layers.Masking(0.0)(seq)))
+
+    if cfg.model == "hlf":
+        x, inputs = hlf, {"hlf": hlf}
+        for units in cfg.hlf_units:
+            x = layers.Dense(units, activation="relu")(x)
+    elif cfg.model == "gru":
+        x, inputs = sequence_branch(), {"particles": seq}
+    else:
+        x = layers.Concatenate()([sequence_branch(), layers.Dropout(cfg.dropout)(hlf)])
+        x, inputs = layers.Dense(cfg.dense_units, activation="relu")(x), {"hlf": hlf, "particles": seq}
+    out = layers.Dense(3, activation="softmax", dtype="float32", name="probabilities")(x)
+    model = keras.Model(inputs, out, name=f"topoflow_{cfg.model}")
+    model.compile(keras.optimizers.Adam(cfg.learning_rate), "categorical_crossentropy",
+                  metrics=["accuracy", keras.metrics.AUC(name="auc", multi_label=True, num_labels=3)])
+    return model

@@ -1,0 +1,81 @@
+"""The evaluation plots (PNG): ROC curves per class with every model, and per model the confusion
+matrix, score distributions and training curves. Classes are always named, never indexed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from topoflow import CLASS_TITLES, CLASSES
+
+
+def report_plots(folder: Path, results: dict[str, dict], curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from topoflow.evaluate import roc_curve
+
+    for k, c in enumerate(CLASSES):
+        fig, ax = plt.subplots(figsize=(6, 5))
+        for name, (y, prob) in curves.items():
+            if results[name]["auc"][c] is None:
+                continue
+            fpr, tpr = roc_curve(y == k, prob[:, k])
+            ax.plot(fpr, tpr, label=f"{name} (AUC {results[name]['auc'][c]:.4f})")
+        ax.plot([0, 1], [0, 1], ls=":", color="grey", label="chance")
+        ax.set(xscale="log", xlim=(1e-4, 1), ylim=(0, 1.01), xlabel="false-positive rate (background efficiency)",
+               ylabel=f"{CLASS_TITLES[c]} efficiency", title=f"{CLASS_TITLES[c]} selector: {CLASS_TITLES[c]} vs the rest")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right")
+        _save(fig, folder / f"roc_{c}.png")
+
+    titles = [CLASS_TITLES[c] for c in CLASSES]
+    for name, r in results.items():
+        cm = np.array(r["confusion"], dtype=float)
+        norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+        fig, ax = plt.subplots(figsize=(5.5, 4.5))
+        im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+        for i in range(3):
+            for j in range(3):
+                ax.text(j, i, f"{norm[i, j]:.3f}\n({int(cm[i, j]):,})", ha="center", va="center",
+                        color="white" if norm[i, j] > 0.5 else "black", fontsize=9)
+        ax.set(xticks=range(3), yticks=range(3), xticklabels=titles, yticklabels=titles,
+               xlabel="predicted", ylabel="true", title=f"{name}: confusion (fraction of true class)")
+        fig.colorbar(im, ax=ax)
+        _save(fig, folder / f"confusion_{name}.png")
+
+        y, prob = curves[name]
+        fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+        for k, ax in enumerate(axes):
+            for t, c in enumerate(CLASSES):
+                if not (y == t).any():
+                    continue
+                ax.hist(prob[y == t, k], bins=40, range=(0, 1), histtype="step", density=True, label=f"true {CLASS_TITLES[c]}")
+            ax.set(yscale="log", xlabel=f"{CLASS_TITLES[CLASSES[k]]} score", ylabel="density")
+            ax.legend(fontsize=8)
+        fig.suptitle(f"{name}: score distributions")
+        _save(fig, folder / f"scores_{name}.png")
+
+        history = r.get("history") or {}
+        if history:
+            fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+            for ax, metric in zip(axes, ("loss", "accuracy")):
+                for key in (metric, f"val_{metric}"):
+                    if key in history:
+                        ax.plot(range(1, len(history[key]) + 1), history[key], marker="o",
+                                label="validation" if key.startswith("val_") else "training")
+                ax.set(xlabel="epoch", ylabel=metric)
+                ax.legend()
+            fig.suptitle(f"{name}: training curves")
+            _save(fig, folder / f"training_{name}.png")
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

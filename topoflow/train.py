@@ -1,0 +1,152 @@
+"""The training stage (imports TensorFlow: load it only to train): one of the three classifiers, streamed from a prepared dataset, on CPU or
+GPU(s), checkpointed every epoch, then exported for serving.
+
+Resuming (``resume=True``) continues from the last completed epoch and reaches the same result as
+an uninterrupted run: the model file keeps the optimizer state, and epoch ``k`` always reads the
+data in the order seeded by ``seed + k`` and draws dropout masks seeded by ``(seed, k)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from topoflow import dataset, storage
+from topoflow.config import Config
+from topoflow.errors import TopoflowError
+from topoflow.models import INPUTS, build
+from topoflow.preprocessing import Preprocessing
+from topoflow.tf import import_tensorflow
+
+tf = import_tensorflow()
+import keras  # noqa: E402  (after import_tensorflow: see topoflow.tf)
+
+STATE = "state.json"
+LAST = "last.keras"
+
+
+@dataclass
+class TrainResult:
+    model: str
+    output: str
+    epochs: int
+    history: dict[str, list[float]] = field(default_factory=dict)
+    samples_per_s: float = 0.0
+
+    def table(self) -> str:
+        last = {k: v[-1] for k, v in self.history.items() if v}
+        metrics = "  ".join(f"{k}={v:.4f}" for k, v in sorted(last.items()))
+        return (f"model {self.model}: {self.epochs} epochs, {self.samples_per_s:,.0f} samples/s\n{metrics}\n"
+                f"exported to {self.output}")
+
+
+def train(cfg: Config, resume: bool = False, show_progress: bool = True) -> TrainResult:
+    """Train ``cfg.train.model`` on ``cfg.train.data`` and export it to ``cfg.train.output``."""
+    from topoflow.export import export
+
+    tc, sc = cfg.train, cfg.storage
+    pre = Preprocessing.load(tc.data, sc)  # also checks that this is a prepared dataset
+    ckpt = Path(tc.resolved(tc.checkpoint_dir))
+    gpus = tf.config.list_physical_devices("GPU")
+    if tc.mixed_precision and gpus:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    if not gpus:
+        tf.config.experimental.enable_op_determinism()
+    strategy = tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
+
+    state = json.loads((ckpt / STATE).read_text()) if resume and (ckpt / STATE).exists() else None
+    if resume and state is None:
+        raise TopoflowError(f"nothing to resume: no checkpoint in {ckpt}\nrun without --resume to start afresh")
+    with strategy.scope():
+        if state:
+            model = keras.saving.load_model(ckpt / LAST)
+        else:
+            shutil.rmtree(ckpt, ignore_errors=True)
+            ckpt.mkdir(parents=True)
+            keras.utils.set_random_seed(tc.seed)
+            model = build(tc)
+    first_epoch = state["epoch"] if state else 0
+    history = state["history"] if state else {}
+
+    inputs = INPUTS[tc.model]
+    common = dict(batch_size=tc.batch_size, inputs=inputs)
+    train_ds = dataset.tf_dataset(storage.join(tc.data, "train"), sc, shuffle=True, seed=tc.seed, bucket=tc.bucket,
+                                  first_epoch=first_epoch, **common)
+    val_ds = dataset.tf_dataset(storage.join(tc.data, "test"), sc, **common)
+    timer = _Timer()
+    callbacks = [_EpochSeeds(tc.seed), timer, _Checkpoint(ckpt, history), _MetricLines(),
+                 keras.callbacks.TensorBoard(str(ckpt / "logs"))]
+    if first_epoch < tc.epochs:
+        try:
+            model.fit(train_ds, validation_data=val_ds, epochs=tc.epochs, initial_epoch=first_epoch,
+                      steps_per_epoch=tc.steps_per_epoch, shuffle=False, callbacks=callbacks,
+                      verbose=1 if show_progress else 0)
+        except KeyboardInterrupt:
+            done = json.loads((ckpt / STATE).read_text())["epoch"] if (ckpt / STATE).exists() else 0
+            raise TopoflowError(f"training interrupted; {done} epoch(s) are checkpointed in {ckpt}\n"
+                                "continue with: topoflow train --resume (same settings)") from None
+    output = tc.resolved(tc.output)
+    export(model, output, sc, pre, cfg, history)
+    return TrainResult(tc.model, output, tc.epochs, history, timer.samples_per_s(tc.batch_size))
+
+
+class _EpochSeeds(keras.callbacks.Callback):
+    """Dropout masks depend only on (seed, layer, epoch, step): a resumed run draws the same ones."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.seed = seed
+
+    def on_epoch_begin(self, epoch, logs=None):
+        generators = [g for layer in self.model._flatten_layers() if (g := getattr(layer, "seed_generator", None))]
+        for i, g in enumerate(generators):
+            g.state.assign(np.array([self.seed + i, epoch], dtype=g.state.dtype))
+
+
+class _Timer(keras.callbacks.Callback):
+    """Training throughput over the epochs of this run (validation excluded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.batches, self.seconds, self.t0 = 0, 0.0, 0.0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.t0 = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.seconds += time.perf_counter() - self.t0
+        self.batches += 1
+
+    def samples_per_s(self, batch_size: int) -> float:
+        return self.batches * batch_size / self.seconds if self.seconds else 0.0
+
+
+class _Checkpoint(keras.callbacks.Callback):
+    """After every epoch: the model (with optimizer state) and the history, each replaced atomically."""
+
+    def __init__(self, folder: Path, history: dict):
+        super().__init__()
+        self.folder, self.history = folder, history
+
+    def on_epoch_end(self, epoch, logs=None):
+        for k, v in (logs or {}).items():
+            self.history.setdefault(k, []).append(float(v))
+        tmp = self.folder / f".{LAST}.tmp.keras"
+        self.model.save(tmp)
+        os.replace(tmp, self.folder / LAST)
+        (self.folder / f".{STATE}.tmp").write_text(json.dumps({"epoch": epoch + 1, "history": self.history}))
+        os.replace(self.folder / f".{STATE}.tmp", self.folder / STATE)
+
+
+class _MetricLines(keras.callbacks.Callback):
+    """``epoch=N name=value …`` on stdout each epoch: the format Katib's StdOut collector reads."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        values = " ".join(f"{k}={float(v):.6g}" for k, v in sorted((logs or {}).items()))
+        print(f"epoch={epoch + 1} {values}", flush=True)
