@@ -33,6 +33,9 @@ run: install system-deps
 		--dataset qcd='$(DELPHES_DIR)/qcd_*.root' --dataset ttbar='$(DELPHES_DIR)/ttbar_*.root' \
 		--dataset wjets='$(DELPHES_DIR)/wjets_*.root'
 	$(BIN)/topoflow prepare --config configs/default.yaml
+	$(BIN)/topoflow train --config configs/default.yaml --model hlf --no-progress
+	$(BIN)/topoflow train --config configs/default.yaml --model inclusive --no-progress
+	$(BIN)/topoflow evaluate --config configs/default.yaml --model out/models/hlf --model out/models/inclusive
 
 test: install system-deps
 	$(BIN)/python -m pytest
@@ -40,6 +43,7 @@ test: install system-deps
 bench: install system-deps
 	$(BIN)/python benchmarks/ingest_throughput.py
 	$(BIN)/python benchmarks/input_pipeline.py
+	$(BIN)/python benchmarks/training_throughput.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 from topoflow import CLASSES, __version__, storage
@@ -26,7 +27,9 @@ def export(model, output: str, sc: StorageConfig, pre: Preprocessing, cfg: Confi
         folder = Path(tmp)
         model.save(folder / "model.keras")
         model.export(str(folder / "saved_model"), format="tf_saved_model", verbose=False)
-        model.export(str(folder / "model.onnx"), format="onnx", verbose=False)
+        with warnings.catch_warnings():  # tf2onnx probes np.object, which numpy 2 deprecates
+            warnings.simplefilter("ignore", FutureWarning)
+            model.export(str(folder / "model.onnx"), format="onnx", verbose=False)
         (folder / FILE_NAME).write_text(pre.to_json())
         card = model_card(model, pre, cfg, history)
         (folder / f"{CARD}.json").write_text(json.dumps(card, indent=2, sort_keys=True))
