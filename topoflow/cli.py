@@ -85,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one setting, e.g. --set spark.master=local[2] (repeatable)")
     common.add_argument("-v", "--verbose", action="store_true", help="log what happens (INFO level)")
+    common.add_argument("--no-progress", action="store_true", help="no progress bars")
+    spark = argparse.ArgumentParser(add_help=False)
+    spark.add_argument("--master", metavar="URL", help="Spark master (spark.master), e.g. local[4] or k8s://…")
 
     parser = argparse.ArgumentParser(
         prog="topoflow", description="LHC event-topology classification pipeline (QCD / tt̄ / W+jets).",
@@ -93,68 +96,62 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"topoflow {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="<stage>")
 
-    ing = sub.add_parser("ingest", parents=[common], help="Delphes ROOT files → selected events with features",
-                         description=_INGEST_HELP, epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    def stage(name: str, summary: str, description: str, run, *parents):
+        p = sub.add_parser(name, parents=[common, *parents], help=summary, description=description,
+                           epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(run=run)
+        return p
+
+    ing = stage("ingest", "Delphes ROOT files → selected events with features", _INGEST_HELP, _run_ingest, spark)
     ing.add_argument("--dataset", action="append", default=[], metavar="CLASS=URL",
                      help="input files of one class (repeat for several globs or classes)")
     ing.add_argument("--output", metavar="URL", help="where to write the Parquet dataset (ingest.output)")
     ing.add_argument("--on-bad-file", choices=("fail", "skip"),
                      help="fail (default): stop before writing; skip: leave the file out and list it")
-    ing.add_argument("--master", metavar="URL", help="Spark master (spark.master), e.g. local[4] or k8s://…")
-    ing.add_argument("--no-progress", action="store_true", help="no progress bar")
-    ing.set_defaults(run=_run_ingest)
 
-    prep = sub.add_parser("prepare", parents=[common], help="ingested events → balanced, split, scaled datasets",
-                          description=_PREPARE_HELP, epilog=_EPILOG,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    prep = stage("prepare", "ingested events → balanced, split, scaled datasets", _PREPARE_HELP, _run_prepare, spark)
     prep.add_argument("--input", metavar="URL", help="ingested dataset (prepare.input)")
     prep.add_argument("--output", metavar="URL", help="where to write (prepare.output)")
     prep.add_argument("--from-original", action="store_true",
                       help="input is in the original CERN schema (HLF_input, GRU_input, encoded_label)")
     prep.add_argument("--seed", type=int, help="seed of balancing, split and shuffle (prepare.seed)")
-    prep.add_argument("--master", metavar="URL", help="Spark master (spark.master)")
-    prep.add_argument("--no-progress", action="store_true", help="no progress bar")
-    prep.set_defaults(run=_run_prepare)
 
-    tr = sub.add_parser("train", parents=[common], help="prepared data → trained, exported classifier",
-                        description=_TRAIN_HELP, epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    tr = stage("train", "prepared data → trained, exported classifier", _TRAIN_HELP, _run_train)
     tr.add_argument("--model", choices=("hlf", "gru", "inclusive"), help="which classifier (train.model)")
     tr.add_argument("--data", metavar="URL", help="prepared dataset (train.data)")
     tr.add_argument("--output", metavar="URL", help="export folder (train.output)")
     tr.add_argument("--epochs", type=int, help="train.epochs")
     tr.add_argument("--resume", action="store_true", help="continue from the last checkpointed epoch")
-    tr.add_argument("--no-progress", action="store_true", help="no per-batch progress bar")
-    tr.set_defaults(run=_run_train)
 
-    ev = sub.add_parser("evaluate", parents=[common], help="trained models → comparative physics report",
-                        description=_EVALUATE_HELP, epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ev.add_argument("--model", action="append", default=[], metavar="URL", help="exported model folder (repeatable)")
+    ev = stage("evaluate", "trained models → comparative physics report", _EVALUATE_HELP, _run_evaluate)
+    ev.add_argument("--model", dest="models", action="append", metavar="URL",
+                    help="exported model folder (repeatable; evaluate.models)")
     ev.add_argument("--data", metavar="URL", help="prepared dataset (evaluate.data)")
     ev.add_argument("--output", metavar="URL", help="report folder (evaluate.output)")
-    ev.set_defaults(run=lambda config, args: print(__import__("topoflow.evaluate").evaluate.evaluate(config).table()))
 
-    cfg = sub.add_parser("config", parents=[common], help="print the effective settings as YAML",
-                         description="Print every setting with its effective value (defaults, file, --set).")
-    cfg.set_defaults(run=lambda config, args: print(config.to_yaml(), end=""))
+    stage("config", "print the effective settings as YAML",
+          "Print every setting with its effective value (defaults, file, --set).",
+          lambda config, args: print(config.to_yaml(), end=""))
     return parser
 
 
+def _flag_overrides(section: str, args, names: tuple[str, ...]) -> list[str]:
+    """``section.name=value`` for every flag given (values as JSON, which YAML reads back)."""
+    out = [f"{section}.{n}={json.dumps(getattr(args, n))}" for n in names if getattr(args, n, None) is not None]
+    if getattr(args, "master", None):
+        out.append(f"spark.master={json.dumps(args.master)}")
+    return out
+
+
 def _ingest_overrides(args) -> list[str]:
-    out = []
     datasets: dict[str, list[str]] = {}
     for item in args.dataset:
         name, sep, url = item.partition("=")
         if not sep or name not in CLASSES or not url:
             raise TopoflowError(f"--dataset {item!r}: expected CLASS=URL with CLASS one of {list(CLASSES)}")
         datasets.setdefault(name, []).append(url)
-    out += [f"ingest.datasets.{name}={json.dumps(urls)}" for name, urls in datasets.items()]
-    if args.output:
-        out.append(f"ingest.output={json.dumps(args.output)}")
-    if args.on_bad_file:
-        out.append(f"ingest.on_bad_file={args.on_bad_file}")
-    if args.master:
-        out.append(f"spark.master={json.dumps(args.master)}")
-    return out
+    return [f"ingest.datasets.{name}={json.dumps(urls)}" for name, urls in datasets.items()] + _flag_overrides(
+        "ingest", args, ("output", "on_bad_file"))
 
 
 def _run_ingest(config: Config, args) -> None:
@@ -163,24 +160,10 @@ def _run_ingest(config: Config, args) -> None:
     print(ingest(config, show_progress=not args.no_progress).table())
 
 
-def _prepare_overrides(args) -> list[str]:
-    out = [f"prepare.{k}={json.dumps(v)}" for k, v in (("input", args.input), ("output", args.output),
-                                                       ("seed", args.seed)) if v is not None]
-    if args.from_original:
-        out.append("prepare.from_original=true")
-    if args.master:
-        out.append(f"spark.master={json.dumps(args.master)}")
-    return out
-
-
 def _run_prepare(config: Config, args) -> None:
     from topoflow.prepare import prepare
 
     print(prepare(config, show_progress=not args.no_progress).table())
-
-
-def _flag_overrides(section: str, args, names: tuple[str, ...]) -> list[str]:
-    return [f"{section}.{n}={json.dumps(getattr(args, n))}" for n in names if getattr(args, n, None) is not None]
 
 
 def _run_train(config: Config, args) -> None:
@@ -189,12 +172,18 @@ def _run_train(config: Config, args) -> None:
     print(train(config, resume=args.resume, show_progress=not args.no_progress).table())
 
 
+def _run_evaluate(config: Config, args) -> None:
+    from topoflow.evaluate import evaluate
+
+    print(evaluate(config).table())
+
+
 _STAGE_OVERRIDES = {
     "ingest": _ingest_overrides,
-    "prepare": _prepare_overrides,
+    "prepare": lambda a: _flag_overrides("prepare", a, ("input", "output", "seed"))
+    + (["prepare.from_original=true"] if a.from_original else []),
     "train": lambda a: _flag_overrides("train", a, ("model", "data", "output", "epochs")),
-    "evaluate": lambda a: _flag_overrides("evaluate", a, ("data", "output"))
-    + ([f"evaluate.models={json.dumps(a.model)}"] if a.model else []),
+    "evaluate": lambda a: _flag_overrides("evaluate", a, ("models", "data", "output")),
 }
 
 
