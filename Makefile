@@ -5,8 +5,6 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-# Real Delphes samples (read-only, shipped beside the repository).
-DELPHES_DIR ?= ../shared/data/delphes
 
 .PHONY: install system-deps run test bench clean
 
@@ -28,10 +26,8 @@ system-deps:
 	else echo "note: not root: install Java 17 and xrootd-server yourself (XRootD tests will be skipped)"; fi
 
 run: install system-deps
-	@test -d $(DELPHES_DIR) || { echo "error: no Delphes samples at $(DELPHES_DIR); pass DELPHES_DIR=/path/to/dir"; exit 1; }
-	$(BIN)/topoflow ingest --config configs/default.yaml \
-		--dataset qcd='$(DELPHES_DIR)/qcd_*.root' --dataset ttbar='$(DELPHES_DIR)/ttbar_*.root' \
-		--dataset wjets='$(DELPHES_DIR)/wjets_*.root'
+	$(BIN)/topoflow generate --config configs/default.yaml
+	$(BIN)/topoflow ingest --config configs/default.yaml
 	$(BIN)/topoflow prepare --config configs/default.yaml
 	$(BIN)/topoflow train --config configs/default.yaml --model hlf --no-progress
 	$(BIN)/topoflow train --config configs/default.yaml --model inclusive --no-progress

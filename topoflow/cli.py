@@ -21,6 +21,18 @@ prints them all. Storage URLs: local paths, file://, root://host:port//path (XRo
 as EOS serves it), s3://bucket/prefix (endpoint and keys from the config or AWS_* vars).
 """
 
+_GENERATE_HELP = """\
+Simulate events of each class with Pythia 8 at 13 TeV and topoflow's fast CMS-like detector
+simulation, and write Delphes-format ROOT files that `topoflow ingest` reads like real Delphes.
+tt̄ and W(→ℓν)+jets as in the original samples; QCD as heavy-flavour multijets with semileptonic
+b decays (see the README). Every event passes the generator lepton filter (an e or μ with
+pT > 20 GeV, |η| < 2.5). The same seed gives the same files.
+
+examples:
+  topoflow generate --events ttbar=3000 --events wjets=3000 --events qcd=6000 --output out/generated
+  topoflow generate --output s3://bucket/generated --workers 16
+"""
+
 _INGEST_HELP = f"""\
 Select events with an isolated lepton from Delphes ROOT files and write, per event, the 14
 high-level features and the particle list (up to 801 × 19, unpadded) to Parquet.
@@ -102,6 +114,14 @@ def _parser() -> argparse.ArgumentParser:
         p.set_defaults(run=run)
         return p
 
+    gen = stage("generate", "Pythia 8 + fast detector simulation → Delphes-format ROOT files", _GENERATE_HELP,
+                _run_generate)
+    gen.add_argument("--events", action="append", default=[], metavar="CLASS=N",
+                     help="filtered events of one class (repeatable; generate.events)")
+    gen.add_argument("--output", metavar="URL", help="folder for the ROOT files (generate.output)")
+    gen.add_argument("--seed", type=int, help="base seed (generate.seed)")
+    gen.add_argument("--workers", type=int, help="parallel processes (generate.workers)")
+
     ing = stage("ingest", "Delphes ROOT files → selected events with features", _INGEST_HELP, _run_ingest, spark)
     ing.add_argument("--dataset", action="append", default=[], metavar="CLASS=URL",
                      help="input files of one class (repeat for several globs or classes)")
@@ -154,6 +174,23 @@ def _ingest_overrides(args) -> list[str]:
         "ingest", args, ("output", "on_bad_file"))
 
 
+def _generate_overrides(args) -> list[str]:
+    events = {}
+    for item in args.events:
+        name, sep, n = item.partition("=")
+        if not sep or name not in CLASSES or not n.isdigit():
+            raise TopoflowError(f"--events {item!r}: expected CLASS=N with CLASS one of {list(CLASSES)}")
+        events[name] = int(n)
+    out = [f"generate.events.{name}={n}" for name, n in events.items()]
+    return out + _flag_overrides("generate", args, ("output", "seed", "workers"))
+
+
+def _run_generate(config: Config, args) -> None:
+    from topoflow.generate import generate
+
+    print(generate(config, show_progress=not args.no_progress).table())
+
+
 def _run_ingest(config: Config, args) -> None:
     from topoflow.ingest import ingest
 
@@ -179,6 +216,7 @@ def _run_evaluate(config: Config, args) -> None:
 
 
 _STAGE_OVERRIDES = {
+    "generate": _generate_overrides,
     "ingest": _ingest_overrides,
     "prepare": lambda a: _flag_overrides("prepare", a, ("input", "output", "seed"))
     + (["prepare.from_original=true"] if a.from_original else []),

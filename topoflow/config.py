@@ -109,6 +109,25 @@ class IngestConfig(_Section):
         return value
 
 
+class GenerateConfig(_Section):
+    """What ``topoflow generate`` simulates (Pythia 8 + topoflow's fast detector simulation)."""
+
+    output: str = Field("out/generated", description="URL of the folder of Delphes-format ROOT files")
+    events: dict[str, int] = Field(default_factory=lambda: {"qcd": 2000, "ttbar": 2000, "wjets": 2000},
+                                   description="events passing the generator lepton filter, per class")
+    events_per_file: int = Field(500, ge=1, description="one file (and one Pythia seed) per this many events")
+    seed: int = Field(1, description="base seed: each file's seed derives from it, the class and the file number")
+    workers: int | None = Field(None, ge=1, description="parallel processes (default: all cores)")
+
+    @field_validator("events")
+    @classmethod
+    def _known_classes(cls, value: dict[str, int]) -> dict[str, int]:
+        unknown = sorted(set(value) - set(CLASSES))
+        if unknown:
+            raise ValueError(f"unknown class name(s) {unknown}; use {list(CLASSES)}")
+        return value
+
+
 class PrepareConfig(_Section):
     """What ``topoflow prepare`` reads and writes."""
 
@@ -159,6 +178,7 @@ class Config(_Section):
 
     spark: SparkConfig = Field(default_factory=SparkConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     prepare: PrepareConfig = Field(default_factory=PrepareConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)

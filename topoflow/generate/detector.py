@@ -1,0 +1,143 @@
+"""A fast, CMS-like detector simulation over whole batches of generator events (numpy + awkward +
+fastjet), writing the Delphes collections topoflow reads.
+
+Every number is in :data:`CARD`, after Delphes' ``delphes_card_CMS.tcl`` (tracking efficiency and
+momentum resolution, ECAL/HCAL resolution, lepton efficiencies, anti-kT R = 0.4 jets, b-tagging).
+Simplifications, on purpose: particles are not grouped into calorimeter towers (each neutral
+particle is its own EFlow entry), there is no pile-up, electrons and muons are the generator ones
+after efficiency and smearing, and b-tagging matches jets to the last b hadrons of the event.
+"""
+
+from __future__ import annotations
+
+import awkward as ak
+import numpy as np
+
+CARD = {
+    # Tracker: |η| < 2.5; efficiency by (pT > 1 GeV, barrel |η| ≤ 1.5) as in the CMS card.
+    "tracker_eta": 2.5,
+    "track_pt_min": 0.1,
+    "track_eff": {"barrel_low": 0.70, "barrel_high": 0.95, "endcap_low": 0.60, "endcap_high": 0.85},
+    "muon_track_eff": {"barrel_low": 0.75, "barrel_high": 0.99, "endcap_low": 0.70, "endcap_high": 0.98},
+    # Relative pT resolution: a ⊕ b·pT (barrel, endcap).
+    "track_res": {"barrel": (0.006, 1.5e-4), "endcap": (0.015, 3.1e-4)},
+    # Calorimeters: σ(E) = √((a·E)² + b²·E + c²); ECAL to |η| 3.0, HCAL to |η| 5.0.
+    "ecal_eta": 3.0, "ecal": {"barrel": (0.007, 0.07, 0.35), "endcap": (0.020, 0.11, 0.40)},
+    "hcal_eta": 5.0, "hcal": {"central": (0.050, 1.50, 0.0), "forward": (0.130, 2.70, 0.0)},
+    "photon_e_min": 0.5, "neutral_e_min": 1.0,
+    # Leptons: pT > 10 GeV; efficiency barrel / endcap (muons to |η| 2.4).
+    "lepton_pt_min": 10.0, "electron_eff": (0.95, 0.85), "muon_eff": (0.95, 0.95), "muon_eta": 2.4,
+    # Jets and b-tagging.
+    "jet_r": 0.4, "jet_pt_min": 20.0, "btag_eta": 2.5, "btag_eff_b": 0.70, "btag_mistag": 0.01,
+    "b_hadron_pt_min": 5.0,
+}
+
+_NEUTRINOS = (12, 14, 16)
+
+
+def _eta(px, py, pz):
+    return np.arcsinh(pz / np.maximum(np.hypot(px, py), 1e-12))
+
+
+def _by_eta(eta, barrel_value, endcap_value, edge=1.5):
+    return np.where(np.abs(eta) <= edge, barrel_value, endcap_value)
+
+
+def simulate(batch: list[tuple[np.ndarray, np.ndarray]], rng: np.random.Generator) -> dict[str, ak.Array]:
+    """Delphes-named jagged arrays (``EFlowTrack.PT`` …) for a batch of ``(particles, b hadrons)``."""
+    counts = np.array([len(p) for p, _ in batch])
+    table = np.concatenate([p for p, _ in batch])
+    evt = np.repeat(np.arange(len(batch)), counts)
+    pid, px, py, pz, e, charge, x, y, z = table.T
+    aid = np.abs(pid).astype(np.int64)
+    pt, eta, phi = np.hypot(px, py), _eta(px, py, pz), np.arctan2(py, px)
+    visible = ~np.isin(aid, _NEUTRINOS)
+    charged = (charge != 0) & visible
+    n = len(batch)
+    out: dict[str, ak.Array] = {}
+
+    # Tracks: efficiency and pT resolution inside the tracker.
+    eff_table = np.where(aid == 13, 0, 1)
+    in_tracker = charged & (np.abs(eta) < CARD["tracker_eta"]) & (pt > CARD["track_pt_min"])
+    high = pt > 1.0
+    hadron_eff = _by_eta(eta, np.where(high, CARD["track_eff"]["barrel_high"], CARD["track_eff"]["barrel_low"]),
+                         np.where(high, CARD["track_eff"]["endcap_high"], CARD["track_eff"]["endcap_low"]))
+    muon_eff = _by_eta(eta, np.where(high, CARD["muon_track_eff"]["barrel_high"], CARD["muon_track_eff"]["barrel_low"]),
+                       np.where(high, CARD["muon_track_eff"]["endcap_high"], CARD["muon_track_eff"]["endcap_low"]))
+    tracked = in_tracker & (rng.random(len(pt)) < np.where(eff_table == 0, muon_eff, hadron_eff))
+    a, b = (_by_eta(eta, CARD["track_res"]["barrel"][i], CARD["track_res"]["endcap"][i]) for i in (0, 1))
+    track_pt = pt * np.maximum(1 + rng.normal(size=len(pt)) * np.hypot(a, b * pt), 0.01)
+    t = np.flatnonzero(tracked)
+    out |= _collection("EFlowTrack", evt[t], n, PT=track_pt[t], Eta=eta[t], Phi=phi[t], PID=pid[t].astype(np.int32),
+                       Charge=charge[t].astype(np.int32), X=x[t], Y=y[t], Z=z[t])
+
+    # Calorimeters: photons and electrons not tracked → EFlowPhoton; other hadrons → EFlowNeutralHadron.
+    em = visible & ~tracked & ((aid == 22) | (aid == 11)) & (np.abs(eta) < CARD["ecal_eta"])
+    had = visible & ~tracked & ~((aid == 22) | (aid == 11) | (aid == 13)) & (np.abs(eta) < CARD["hcal_eta"])
+    ecal = [_by_eta(eta, CARD["ecal"]["barrel"][i], CARD["ecal"]["endcap"][i]) for i in range(3)]
+    hcal = [_by_eta(eta, CARD["hcal"]["central"][i], CARD["hcal"]["forward"][i], edge=3.0) for i in range(3)]
+    e_em = e + rng.normal(size=len(e)) * np.sqrt((ecal[0] * e) ** 2 + ecal[1] ** 2 * e + ecal[2] ** 2)
+    e_had = e + rng.normal(size=len(e)) * np.sqrt((hcal[0] * e) ** 2 + hcal[1] ** 2 * e + hcal[2] ** 2)
+    g = np.flatnonzero(em & (e_em > CARD["photon_e_min"]))
+    h = np.flatnonzero(had & (e_had > CARD["neutral_e_min"]))
+    out |= _collection("EFlowPhoton", evt[g], n, ET=e_em[g] / np.cosh(eta[g]), Eta=eta[g], Phi=phi[g])
+    out |= _collection("EFlowNeutralHadron", evt[h], n, ET=e_had[h] / np.cosh(eta[h]), Eta=eta[h], Phi=phi[h])
+
+    # Leptons: generator e/μ after efficiency, with track (μ) or ECAL (e) resolution.
+    for name, code, eff, eta_max, smeared in (
+        ("Electron", 11, CARD["electron_eff"], CARD["tracker_eta"], e_em / np.cosh(eta)),
+        ("Muon", 13, CARD["muon_eff"], CARD["muon_eta"], track_pt),
+    ):
+        ok = (aid == code) & (pt > CARD["lepton_pt_min"]) & (np.abs(eta) < eta_max)
+        ok &= rng.random(len(pt)) < _by_eta(eta, *eff)
+        i = np.flatnonzero(ok)
+        out |= _collection(name, evt[i], n, PT=smeared[i], Eta=eta[i], Phi=phi[i], Charge=charge[i].astype(np.int32))
+
+    # Jets from the particle flow, b-tagged by matching to b hadrons; MET from the particle flow.
+    flow_evt = np.concatenate([evt[t], evt[g], evt[h]])
+    flow_pt = np.concatenate([track_pt[t], e_em[g] / np.cosh(eta[g]), e_had[h] / np.cosh(eta[h])])
+    flow_eta, flow_phi = np.concatenate([eta[t], eta[g], eta[h]]), np.concatenate([phi[t], phi[g], phi[h]])
+    fpx, fpy = flow_pt * np.cos(flow_phi), flow_pt * np.sin(flow_phi)
+    mex = -np.bincount(flow_evt, weights=fpx, minlength=n)
+    mey = -np.bincount(flow_evt, weights=fpy, minlength=n)
+    out |= _collection("MissingET", np.arange(n), n, MET=np.hypot(mex, mey), Eta=np.zeros(n), Phi=np.arctan2(mey, mex))
+    out |= _jets(flow_evt, flow_pt, flow_eta, flow_phi, [bh for _, bh in batch], n, rng)
+    return out
+
+
+def _jets(evt, pt, eta, phi, b_hadrons, n, rng) -> dict[str, ak.Array]:
+    import fastjet
+
+    order = np.argsort(evt, kind="stable")
+    evt, pt, eta, phi = evt[order], pt[order], eta[order], phi[order]
+    counts = np.bincount(evt, minlength=n)
+    vectors = ak.unflatten(ak.zip({"px": pt * np.cos(phi), "py": pt * np.sin(phi), "pz": pt * np.sinh(eta),
+                                   "E": pt * np.cosh(eta)}), counts)
+    jets = fastjet.ClusterSequence(vectors, fastjet.JetDefinition(fastjet.antikt_algorithm, CARD["jet_r"]))
+    j = jets.inclusive_jets(min_pt=CARD["jet_pt_min"])
+    jcounts = ak.to_numpy(ak.num(j))
+    jpx, jpy, jpz = (ak.to_numpy(ak.flatten(j[c])) for c in ("px", "py", "pz"))
+    jpt, jeta, jphi = np.hypot(jpx, jpy), _eta(jpx, jpy, jpz), np.arctan2(jpy, jpx)
+    jevt = np.repeat(np.arange(n), jcounts)
+    b_counts = np.array([len(b) for b in b_hadrons])
+    bh = np.concatenate(b_hadrons) if b_counts.sum() else np.zeros((0, 3))
+    bh_evt = np.repeat(np.arange(n), b_counts)
+    keep = bh[:, 0] > CARD["b_hadron_pt_min"]
+    matched = np.zeros(len(jpt), dtype=bool)
+    if keep.any():  # pairs (jet, b hadron) of the same event within ΔR < R
+        pj, pb = np.nonzero(jevt[:, None] == bh_evt[keep][None, :])
+        dphi = (jphi[pj] - bh[keep][pb, 2] + np.pi) % (2 * np.pi) - np.pi
+        close = np.hypot(jeta[pj] - bh[keep][pb, 1], dphi) < CARD["jet_r"]
+        matched[pj[close]] = True
+    p_tag = np.where(matched, CARD["btag_eff_b"], CARD["btag_mistag"]) * (np.abs(jeta) < CARD["btag_eta"])
+    btag = (rng.random(len(jpt)) < p_tag).astype(np.uint32)
+    order = np.lexsort((-jpt, jevt))  # Delphes sorts jets by decreasing pT
+    return _collection("Jet", jevt[order], n, PT=jpt[order], Eta=jeta[order], Phi=jphi[order], BTag=btag[order])
+
+
+def _collection(name: str, evt: np.ndarray, n: int, **fields: np.ndarray) -> dict[str, ak.Array]:
+    """Jagged arrays per event (entries in ``evt`` order within each event), named ``name.field``."""
+    order = np.argsort(evt, kind="stable")
+    counts = np.bincount(evt, minlength=n)
+    dtype = {np.dtype(np.float64): np.float32}
+    return {f"{name}.{k}": ak.unflatten(v[order].astype(dtype.get(v.dtype, v.dtype)), counts) for k, v in fields.items()}
