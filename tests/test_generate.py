@@ -92,3 +92,17 @@ def test_physics_sanity(ingested):
     counts, edges = np.histogram(w_mt, bins=np.arange(0, 161, 20))
     assert 40 <= edges[np.argmax(counts)] <= 80, "Jacobian peak just below m_W"
     assert hlf["qcd"][:, iso].sum(axis=1).mean() > hlf["wjets"][:, iso].sum(axis=1).mean()
+
+
+def test_validation_plots_compare_with_real_delphes(generated, delphes_dir, tmp_path):
+    from topoflow.config import StorageConfig
+    from topoflow.generate.validate import observables, validation_plots
+
+    _, out = generated
+    paths = validation_plots(str(out), str(delphes_dir), tmp_path, StorageConfig())
+    assert [p.name for p in paths] == ["validation_qcd.png", "validation_ttbar.png", "validation_wjets.png"]
+    assert all(p.stat().st_size > 20_000 for p in paths)
+    gen = observables([str(p) for p in sorted(out.glob("ttbar_*.root"))], StorageConfig())
+    real = observables([str(delphes_dir / "ttbar_cms_60ev.root")], StorageConfig())
+    ratio = np.median(gen["n_tracks"]) / np.median(real["n_tracks"])
+    assert 0.7 < ratio < 1.4, f"track multiplicity close to real Delphes (ratio {ratio:.2f})"

@@ -121,6 +121,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--output", metavar="URL", help="folder for the ROOT files (generate.output)")
     gen.add_argument("--seed", type=int, help="base seed (generate.seed)")
     gen.add_argument("--workers", type=int, help="parallel processes (generate.workers)")
+    gen.add_argument("--validate", action="store_true",
+                     help="then plot generated vs real Delphes distributions per class (generate.reference)")
 
     ing = stage("ingest", "Delphes ROOT files → selected events with features", _INGEST_HELP, _run_ingest, spark)
     ing.add_argument("--dataset", action="append", default=[], metavar="CLASS=URL",
@@ -189,6 +191,15 @@ def _run_generate(config: Config, args) -> None:
     from topoflow.generate import generate
 
     print(generate(config, show_progress=not args.no_progress).table())
+    if args.validate:
+        from pathlib import Path
+
+        from topoflow.generate.validate import validation_plots
+
+        gc = config.generate
+        Path(gc.validation_dir).mkdir(parents=True, exist_ok=True)
+        for path in validation_plots(gc.output, gc.reference, Path(gc.validation_dir), config.storage):
+            print(f"validation plot: {path}")
 
 
 def _run_ingest(config: Config, args) -> None:

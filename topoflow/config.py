@@ -118,6 +118,8 @@ class GenerateConfig(_Section):
     events_per_file: int = Field(500, ge=1, description="one file (and one Pythia seed) per this many events")
     seed: int = Field(1, description="base seed: each file's seed derives from it, the class and the file number")
     workers: int | None = Field(None, ge=1, description="parallel processes (default: all cores)")
+    reference: str = Field("../shared/data/delphes", description="real Delphes files <class>_*.root for --validate")
+    validation_dir: str = Field("out/validation", description="local folder for the validation plots")
 
     @field_validator("events")
     @classmethod

@@ -1,0 +1,55 @@
+"""Event generation speed per process on one core: events written per second (after the
+generator filter) and selected (isolated-lepton) events per CPU second, plus what that means for
+the default `make run` dataset on this machine's cores.
+
+    python benchmarks/generate_throughput.py [--events 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from topoflow import CLASSES, delphes, features
+from topoflow.config import Config, StorageConfig
+from topoflow.generate import file_seed, make_file
+
+
+def selected(path: str) -> int:
+    cfg = StorageConfig()
+    info = delphes.probe(path, cfg)
+    return sum(len(features.compute(a).events) for _, a in delphes.read_batches(info, cfg, 0, info.entries, 2000))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--events", type=int, default=300, help="filtered events per process")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="topoflow-bench-gen-"))
+    rows = {}
+    try:
+        for c in CLASSES:
+            path = str(work / f"{c}.root")
+            r = make_file(c, 0, args.events, file_seed(1, c, 0), path, StorageConfig())
+            rows[c] = r | {"selected": selected(path)}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    cores = os.cpu_count()
+    default = Config.model_validate({"generate": {"events": {"qcd": 6000, "ttbar": 3000, "wjets": 3000}}}).generate
+    print(f"\nevent generation, one core per process (this machine has {cores})\n")
+    print("| process | events written | tried | filter eff. | events/s/core | selected | selected per CPU-s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for c, r in rows.items():
+        print(f"| {c} | {r['kept']:,} | {r['tried']:,} | {r['kept'] / r['tried']:.3f} | "
+              f"{r['kept'] / r['cpu_seconds']:.1f} | {r['selected']:,} | {r['selected'] / r['cpu_seconds']:.2f} |")
+    cpu = sum(default.events[c] / (rows[c]["kept"] / rows[c]["cpu_seconds"]) for c in CLASSES)
+    sel = {c: round(default.events[c] * rows[c]["selected"] / rows[c]["kept"]) for c in CLASSES}
+    print(f"\ndefault `make run` dataset ({default.events}): ≈ {cpu / cores / 60:.1f} min on {cores} cores, "
+          f"≈ {sel} selected events")
+
+
+if __name__ == "__main__":
+    main()
