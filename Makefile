@@ -37,6 +37,7 @@ test: install system-deps
 	$(BIN)/python -m pytest
 
 bench: install system-deps
+	$(BIN)/python benchmarks/generate_throughput.py
 	$(BIN)/python benchmarks/ingest_throughput.py
 	$(BIN)/python benchmarks/input_pipeline.py
 	$(BIN)/python benchmarks/training_throughput.py

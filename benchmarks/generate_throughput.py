@@ -40,11 +40,13 @@ def main() -> None:
     cores = os.cpu_count()
     default = Config.model_validate({"generate": {"events": {"qcd": 6000, "ttbar": 3000, "wjets": 3000}}}).generate
     print(f"\nevent generation, one core per process (this machine has {cores})\n")
-    print("| process | events written | tried | filter eff. | events/s/core | selected | selected per CPU-s |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| process | generated | written (filter passed) | filter eff. | generated/s/core | written/s/core "
+          "| selected | selected per CPU-s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for c, r in rows.items():
-        print(f"| {c} | {r['kept']:,} | {r['tried']:,} | {r['kept'] / r['tried']:.3f} | "
-              f"{r['kept'] / r['cpu_seconds']:.1f} | {r['selected']:,} | {r['selected'] / r['cpu_seconds']:.2f} |")
+        cpu = r["cpu_seconds"]
+        print(f"| {c} | {r['tried']:,} | {r['kept']:,} | {r['kept'] / r['tried']:.3f} | {r['tried'] / cpu:.0f} | "
+              f"{r['kept'] / cpu:.1f} | {r['selected']:,} | {r['selected'] / cpu:.2f} |")
     cpu = sum(default.events[c] / (rows[c]["kept"] / rows[c]["cpu_seconds"]) for c in CLASSES)
     sel = {c: round(default.events[c] * rows[c]["selected"] / rows[c]["kept"]) for c in CLASSES}
     print(f"\ndefault `make run` dataset ({default.events}): ≈ {cpu / cores / 60:.1f} min on {cores} cores, "
