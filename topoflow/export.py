@@ -34,8 +34,8 @@ def export(model, output: str, sc: StorageConfig, pre: Preprocessing, cfg: Confi
         card = model_card(model, pre, cfg, history)
         (folder / f"{CARD}.json").write_text(json.dumps(card, indent=2, sort_keys=True))
         (folder / f"{CARD}.md").write_text(card_markdown(card))
-        fs, final = storage.filesystem(output, sc)
-        staging = storage.filesystem(storage.staging_url(output), sc)[1]
+        fs, _, staging = storage.new_staging(output, sc)
+        final = storage.filesystem(output, sc)[1]
         with storage.storage_errors(output):
             fs.put(str(folder), staging, recursive=True)
             storage.publish(fs, staging, final, {"stage": "train", "model": card["model"],

@@ -71,10 +71,7 @@ def ingest(cfg: Config, spark=None, show_progress: bool = True) -> IngestSummary
                             "fix the inputs listed above")
     splits = datasource.plan(infos, ic.entries_per_partition, 2 * spark.sparkContext.defaultParallelism)
     ranges = [r for split in splits for r in split.ranges]
-    fs, out_path = storage.filesystem(ic.output, sc)
-    for stale in fs.glob(out_path.rstrip("/") + ".staging-*"):  # left by a killed run
-        storage.discard(fs, stale)
-    staging = storage.staging_url(ic.output)
+    _, staging, _ = storage.new_staging(ic.output, sc)
     meta = {
         "stage": "ingest",
         "config_hash": hashlib.sha256(cfg.ingest.model_dump_json().encode()).hexdigest()[:16],

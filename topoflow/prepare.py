@@ -86,10 +86,7 @@ def prepare(cfg: Config, spark=None, show_progress: bool = True) -> PrepareSumma
         with spark_progress(spark, "fitting scalers", train.rdd.getNumPartitions(), 1, "passes", show_progress):
             moments = [json.loads(r["stats"]) for r in train.mapInArrow(_moments, "stats string").collect()]
         pre = _fit(moments, pc.input)
-        out_fs, out_path = storage.filesystem(pc.output, sc)
-        for stale in out_fs.glob(out_path.rstrip("/") + ".staging-*"):
-            storage.discard(out_fs, stale)
-        staging = storage.staging_url(pc.output)
+        out_fs, staging, staging_path = storage.new_staging(pc.output, sc)
         apply = _scaler(pre.to_json())
         try:
             for name, part in (("train", train), ("test", test)):
@@ -98,21 +95,20 @@ def prepare(cfg: Config, spark=None, show_progress: bool = True) -> PrepareSumma
                  .option("meta", json.dumps({"stage": "prepare", "split": name}))
                  .save(storage.join(staging, name)))
         except BaseException:
-            storage.discard(out_fs, storage.filesystem(staging, sc)[1])
+            storage.discard(out_fs, staging_path)
             raise
     except Exception as e:
         raise job_error(e) from e
     split_counts = {name: storage.read_manifest(storage.join(staging, name), sc)["rows_per_class"]
                     for name in ("train", "test")}
-    fs, staging_path = storage.filesystem(staging, sc)
-    fs.pipe(storage.join(staging_path, FILE_NAME), pre.to_json().encode())
+    out_fs.pipe(storage.join(staging_path, FILE_NAME), pre.to_json().encode())
     manifest = {
         "schema_version": SCHEMA_VERSION, "topoflow_version": __version__, "stage": "prepare",
         "source": pc.input, "from_original": pc.from_original, "counts": split_counts,
         "input_counts": counts, "preprocessing": FILE_NAME,
         "config_hash": hashlib.sha256(pc.model_dump_json().encode()).hexdigest()[:16],
     }
-    storage.publish(fs, staging_path, out_path, manifest)
+    storage.publish(out_fs, staging_path, storage.filesystem(pc.output, sc)[1], manifest)
     return PrepareSummary(pc.output, split_counts, time.monotonic() - t0)
 
 

@@ -144,6 +144,16 @@ def staging_url(output: str) -> str:
     return f"{output.rstrip('/')}.staging-{uuid.uuid4().hex[:12]}"
 
 
+def new_staging(output: str, cfg: StorageConfig) -> tuple[fsspec.AbstractFileSystem, str, str]:
+    """Clear staging areas that killed runs left beside ``output``, and name a fresh one:
+    ``(filesystem, staging URL, staging path)``."""
+    fs, path = filesystem(output, cfg)
+    for stale in fs.glob(path.rstrip("/") + ".staging-*"):
+        discard(fs, stale)
+    url = staging_url(output)
+    return fs, url, filesystem(url, cfg)[1]
+
+
 def publish(fs: fsspec.AbstractFileSystem, staging: str, final: str, manifest: dict[str, Any]) -> None:
     """Replace ``final`` with the finished ``staging`` dataset; the manifest, written last, marks it
     complete. A crash part-way leaves either the old complete dataset or one without a manifest."""

@@ -64,9 +64,8 @@ def generate(cfg: Config, show_progress: bool = True) -> GenerateSummary:
     jobs = [(c, i, min(gc.events_per_file, n - start))
             for c in CLASSES if (n := gc.events.get(c, 0)) > 0
             for i, start in enumerate(range(0, n, gc.events_per_file))]
-    fs, final = storage.filesystem(gc.output, sc)
-    staging_url = storage.staging_url(gc.output)
-    staging = storage.filesystem(staging_url, sc)[1]
+    fs, staging_url, staging = storage.new_staging(gc.output, sc)
+    final = storage.filesystem(gc.output, sc)[1]
     fs.makedirs(staging, exist_ok=True)
     per_class = {c: {"kept": 0, "tried": 0, "cpu_seconds": 0.0, "files": 0} for c, _, _ in jobs}
     try:

@@ -56,6 +56,7 @@ def validation_plots(generated: str, reference: str, out_dir: Path, cfg: Storage
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import mplhep
 
     written = []
     for c in CLASSES:
@@ -66,21 +67,31 @@ def validation_plots(generated: str, reference: str, out_dir: Path, cfg: Storage
             if "no file matches" in str(e):
                 continue
             raise
-        fig, axes = plt.subplots(3, 3, figsize=(14, 11))
-        for ax, (name, (label, bins)) in zip(axes.flat, OBSERVABLES.items()):
-            for values, what, style in ((ref[name], "real Delphes", dict(histtype="stepfilled", alpha=0.35)),
-                                        (gen[name], "topoflow generate", dict(histtype="step", lw=2))):
-                if len(values):
-                    ax.hist(np.clip(values, bins[0], bins[-1]), bins=bins, density=True,
-                            label=f"{what} ({len(values):,})", **style)
-            ax.set(xlabel=label, ylabel="normalised")
-            ax.legend(fontsize=8)
-        note = ("QCD here: heavy-flavour (bb̄) dijets, b hadrons decaying semileptonically (100 %)"
-                if c == "qcd" else "")
-        fig.suptitle(f"{CLASS_TITLES[c]}: generated vs real Delphes. {note}")
-        fig.tight_layout()
+        with plt.style.context(mplhep.style.CMS):
+            fig = _figure(plt, c, gen, ref)
         path = out_dir / f"validation_{c}.png"
-        fig.savefig(path, dpi=100)
+        fig.savefig(path, dpi=80)
         plt.close(fig)
         written.append(path)
     return written
+
+
+def _figure(plt, c: str, gen: dict, ref: dict):
+    """The 3 × 3 grid of one class: real Delphes filled, generated as a line, unit area."""
+    fig, axes = plt.subplots(3, 3, figsize=(20, 17))
+    for ax, (name, (label, bins)) in zip(axes.flat, OBSERVABLES.items()):
+        for values, what, style in ((ref[name], "real Delphes", dict(histtype="stepfilled", alpha=0.35)),
+                                    (gen[name], "topoflow generate", dict(histtype="step", lw=2))):
+            if len(values):
+                ax.hist(np.clip(values, bins[0], bins[-1]), bins=bins, density=True,
+                        label=f"{what} ({len(values):,})", **style)
+        ax.set_xlabel(label, fontsize=18)
+        ax.set_ylabel("normalised", fontsize=18)
+        ax.tick_params(labelsize=13)
+        ax.locator_params(axis="x", nbins=6)
+        ax.legend(fontsize=14)
+    note = ("QCD here: heavy-flavour (bb̄) dijets, b hadrons decaying semileptonically (100 %)"
+            if c == "qcd" else "")
+    fig.suptitle(f"{CLASS_TITLES[c]}: generated vs real Delphes. {note}", fontsize=20)
+    fig.tight_layout()
+    return fig
