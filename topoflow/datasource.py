@@ -197,18 +197,26 @@ class DelphesReader(DataSourceReader):
 def to_record_batch(feats: features.Features, label: int, url: str, first_entry: int) -> pa.RecordBatch:
     """Arrow rows of selected events: particle lists stay unpadded (variable length)."""
     n = len(feats.events)
-    inner = pa.ListArray.from_arrays(
-        np.arange(0, 19 * len(feats.particles) + 1, 19, dtype=np.int32),
-        pa.array(feats.particles.astype(np.float32).ravel()),
-    )
-    outer = pa.ListArray.from_arrays(np.concatenate([[0], np.cumsum(feats.counts)]).astype(np.int32), inner)
-    hlf = pa.ListArray.from_arrays(np.arange(0, 14 * n + 1, 14, dtype=np.int32),
-                                   pa.array(feats.hlf.astype(np.float32).ravel()))
-    return pa.RecordBatch.from_arrays(
-        [pa.array(np.full(n, label, dtype=np.int32)), hlf, outer,
-         pa.array([url] * n, pa.string()), pa.array(first_entry + feats.events.astype(np.int64))],
-        schema=ARROW_SCHEMA,
-    )
+    return record_batch(np.full(n, label), feats.hlf, feats.particles, feats.counts, [url] * n,
+                        first_entry + feats.events.astype(np.int64), ARROW_SCHEMA)
+
+
+def record_batch(labels, hlf: np.ndarray, rows: np.ndarray, counts: np.ndarray, files, entries,
+                 schema: pa.Schema) -> pa.RecordBatch:
+    """The columns of ``schema`` (ingested or prepared) from numpy: HLF (n, 14), the particle rows
+    of all events back to back (sum(counts), 19), float32 in Arrow list columns."""
+    inner = pa.ListArray.from_arrays(np.arange(0, 19 * len(rows) + 1, 19, dtype=np.int32),
+                                     pa.array(np.asarray(rows, dtype=np.float32).ravel()))
+    cols = {
+        "label": pa.array(np.asarray(labels, dtype=np.int32)),
+        "hlf": pa.ListArray.from_arrays(np.arange(0, 14 * len(hlf) + 1, 14, dtype=np.int32),
+                                        pa.array(np.asarray(hlf, dtype=np.float32).ravel())),
+        "particles": pa.ListArray.from_arrays(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32), inner),
+        "n_particles": pa.array(np.asarray(counts, dtype=np.int32)),
+        "source_file": files if isinstance(files, pa.Array) else pa.array(files, pa.string()),
+        "entry": pa.array(np.asarray(entries, dtype=np.int64)),
+    }
+    return pa.RecordBatch.from_arrays([cols[f.name] for f in schema], schema=schema)
 
 
 @dataclass

@@ -113,11 +113,7 @@ def evaluate(cfg: Config) -> Report:
         plots.report_plots(folder, results, curves)
         (folder / "report.json").write_text(json.dumps(results, indent=2, sort_keys=True))
         (folder / "report.md").write_text(markdown(results))
-        fs, _, staging = storage.new_staging(ec.output, cfg.storage)
-        final = storage.filesystem(ec.output, cfg.storage)[1]
-        with storage.storage_errors(ec.output):
-            fs.put(str(folder), staging, recursive=True)
-            storage.publish(fs, staging, final, {"stage": "evaluate", "models": list(results)})
+        storage.publish_folder(str(folder), ec.output, cfg.storage, {"stage": "evaluate", "models": list(results)})
     return Report(ec.output, results)
 
 

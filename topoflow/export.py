@@ -34,12 +34,8 @@ def export(model, output: str, sc: StorageConfig, pre: Preprocessing, cfg: Confi
         card = model_card(model, pre, cfg, history)
         (folder / f"{CARD}.json").write_text(json.dumps(card, indent=2, sort_keys=True))
         (folder / f"{CARD}.md").write_text(card_markdown(card))
-        fs, _, staging = storage.new_staging(output, sc)
-        final = storage.filesystem(output, sc)[1]
-        with storage.storage_errors(output):
-            fs.put(str(folder), staging, recursive=True)
-            storage.publish(fs, staging, final, {"stage": "train", "model": card["model"],
-                                                  "files": sorted(p.name for p in folder.iterdir())})
+        storage.publish_folder(str(folder), output, sc, {"stage": "train", "model": card["model"],
+                                                         "files": sorted(p.name for p in folder.iterdir())})
 
 
 def model_card(model, pre: Preprocessing, cfg: Config, history: dict) -> dict:

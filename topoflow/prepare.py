@@ -141,7 +141,8 @@ def _from_original(batches):
         counts = np.bincount(np.repeat(np.arange(n), per_event)[real], minlength=n)
         labels = np.asarray(b.column("encoded_label").flatten().to_numpy(), dtype=np.float64).reshape(n, -1).argmax(axis=1)
         hlf = np.asarray(b.column("HLF_input").flatten().to_numpy(), dtype=np.float32).reshape(n, -1)
-        yield _record_batch(labels, hlf, rows[real], counts, ["original"] * n, _row_ids(hlf), datasource.ARROW_SCHEMA)
+        yield datasource.record_batch(labels, hlf, rows[real], counts, ["original"] * n, _row_ids(hlf),
+                                      datasource.ARROW_SCHEMA)
 
 
 def _row_ids(hlf: np.ndarray) -> np.ndarray:
@@ -151,20 +152,6 @@ def _row_ids(hlf: np.ndarray) -> np.ndarray:
         for column in np.ascontiguousarray(hlf, dtype=np.float32).view(np.uint32).T:
             h = (h ^ column.astype(np.uint64)) * np.uint64(0x100000001B3)
     return (h >> np.uint64(1)).astype(np.int64)
-
-
-def _record_batch(labels, hlf, rows, counts, files, entries, schema) -> pa.RecordBatch:
-    inner = pa.ListArray.from_arrays(np.arange(0, 19 * len(rows) + 1, 19, dtype=np.int32), pa.array(rows.ravel()))
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
-    cols = {
-        "label": pa.array(np.asarray(labels, dtype=np.int32)),
-        "hlf": pa.ListArray.from_arrays(np.arange(0, 14 * len(hlf) + 1, 14, dtype=np.int32), pa.array(hlf.ravel())),
-        "particles": pa.ListArray.from_arrays(offsets, inner),
-        "n_particles": pa.array(np.asarray(counts, dtype=np.int32)),
-        "source_file": files if isinstance(files, pa.Array) else pa.array(files, pa.string()),
-        "entry": pa.array(np.asarray(entries, dtype=np.int64)),
-    }
-    return pa.RecordBatch.from_arrays([cols[f.name] for f in schema], schema=schema)
 
 
 def _arrays(b: pa.RecordBatch):
@@ -210,8 +197,9 @@ def _scaler(artifact: str):
                 raise BadInputError(b.column("source_file")[bad].as_py(),
                                     f"non-finite feature value at entry {b.column('entry')[bad].as_py()}",
                                     "re-run ingestion (it refuses such values) or drop the file")
-            yield _record_batch(b.column("label").to_numpy(), pre.transform_hlf(hlf), pre.transform_particles(rows),
-                                counts, b.column("source_file"), b.column("entry").to_numpy(), PREPARED_SCHEMA)
+            yield datasource.record_batch(b.column("label").to_numpy(), pre.transform_hlf(hlf),
+                                          pre.transform_particles(rows), counts, b.column("source_file"),
+                                          b.column("entry").to_numpy(), PREPARED_SCHEMA)
 
     return apply
 

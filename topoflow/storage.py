@@ -170,6 +170,15 @@ def publish(fs: fsspec.AbstractFileSystem, staging: str, final: str, manifest: d
     write_json(fs, join(final, MANIFEST), manifest)
 
 
+def publish_folder(folder: str, output: str, cfg: StorageConfig, manifest: dict[str, Any]) -> None:
+    """Upload a finished local folder to ``output`` (any URL) and publish it like a dataset."""
+    fs, _, staging = new_staging(output, cfg)
+    final = filesystem(output, cfg)[1]
+    with storage_errors(output):
+        fs.put(folder, staging, recursive=True)
+        publish(fs, staging, final, manifest)
+
+
 def discard(fs: fsspec.AbstractFileSystem, path: str) -> None:
     """Remove a staging area, ignoring one that is already gone."""
     if fs.exists(path):
