@@ -31,14 +31,16 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="topoflow-bench-gen-"))
     rows = {}
     try:
-        for c in CLASSES:
+        for c in (*CLASSES, "qcd_fake"):
             path = str(work / f"{c}.root")
             r = make_file(c, 0, args.events, file_seed(1, c, 0), path, StorageConfig())
             rows[c] = r | {"selected": selected(path)}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     cores = os.cpu_count()
-    default = Config.model_validate({"generate": {"events": {"qcd": 6000, "ttbar": 3000, "wjets": 3000}}}).generate
+    import yaml
+
+    default = Config.model_validate(yaml.safe_load(Path("configs/default.yaml").read_text())).generate
     print(f"\nevent generation, one core per process (this machine has {cores})\n")
     print("| process | generated | written (filter passed) | filter eff. | generated/s/core | written/s/core "
           "| selected | selected per CPU-s |")
@@ -47,10 +49,12 @@ def main() -> None:
         cpu = r["cpu_seconds"]
         print(f"| {c} | {r['tried']:,} | {r['kept']:,} | {r['kept'] / r['tried']:.3f} | {r['tried'] / cpu:.0f} | "
               f"{r['kept'] / cpu:.1f} | {r['selected']:,} | {r['selected'] / cpu:.2f} |")
-    cpu = sum(default.events[c] / (rows[c]["kept"] / rows[c]["cpu_seconds"]) for c in CLASSES)
-    sel = {c: round(default.events[c] * rows[c]["selected"] / rows[c]["kept"]) for c in CLASSES}
-    print(f"\ndefault `make run` dataset ({default.events}): ≈ {cpu / cores / 60:.1f} min on {cores} cores, "
-          f"≈ {sel} selected events")
+    fakes = default.events["qcd"] * default.qcd_fake_fraction
+    events = {**default.events, "qcd": default.events["qcd"] - fakes, "qcd_fake": fakes}
+    cpu = sum(n / (rows[p]["kept"] / rows[p]["cpu_seconds"]) for p, n in events.items())
+    sel = {p: round(n * rows[p]["selected"] / rows[p]["kept"]) for p, n in events.items()}
+    print(f"\ndefault `make run` dataset ({default.events}, QCD fakes {default.qcd_fake_fraction:.0%}): "
+          f"≈ {cpu / cores / 60:.1f} min on {cores} cores, ≈ {sel} selected events")
 
 
 if __name__ == "__main__":

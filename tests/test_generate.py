@@ -49,13 +49,15 @@ def ingested(spark, generated, tmp_path_factory):
 
 def test_counts_files_and_filter_efficiency(generated):
     summary, out = generated
+    assert summary.per_class["qcd"]["kept"] + summary.per_class["qcd_fake"]["kept"] == EVENTS["qcd"]
     for c, n in EVENTS.items():
-        assert summary.per_class[c]["kept"] == n
-        files = sorted(out.glob(f"{c}_*.root"))
-        assert len(files) == 2 and sum(uproot.open(f)["Delphes"].num_entries for f in files) == n
+        if c != "qcd":
+            assert summary.per_class[c]["kept"] == n
+        files = sorted(out.glob(f"{c}_*.root"))  # qcd_*: both QCD components
+        assert sum(uproot.open(f)["Delphes"].num_entries for f in files) == n
     eff = {c: s["kept"] / s["tried"] for c, s in summary.per_class.items()}
     assert 0.3 < eff["ttbar"] < 0.6 and 0.3 < eff["wjets"] < 0.6, "as in the real samples (≈ 0.43)"
-    assert eff["qcd"] < eff["ttbar"]
+    assert eff["qcd"] < eff["ttbar"] and eff["qcd_fake"] == 1.0, "fakes need no generator lepton"
     tree = uproot.open(out / "ttbar_0000.root")["Delphes"]
     for branch in ("EFlowTrack.PT", "EFlowTrack.X", "EFlowPhoton.ET", "Jet.BTag", "MissingET.MET", "Electron.Charge"):
         assert branch in tree, branch
@@ -80,6 +82,13 @@ def test_ingestion_selects_events_of_every_class(ingested):
     assert all(summary.selected[c] > 0 for c in EVENTS)
     frac = {c: summary.selected[c] / EVENTS[c] for c in EVENTS}
     assert frac["qcd"] < frac["ttbar"] < frac["wjets"], "isolated-lepton selection: QCD lowest, as in the original"
+
+
+def test_fake_electrons_are_jets_turned_into_electrons(generated):
+    _, out = generated
+    fake = uproot.open(sorted(out.glob("qcd_fake_*.root"))[0])["Delphes"].arrays(["Electron.PT", "Electron.Eta"])
+    assert ak.mean(ak.num(fake["Electron.PT"]) >= 1) > 0.6, "most events have a central jet to fake an electron"
+    assert ak.all(np.abs(ak.flatten(fake["Electron.Eta"])) < 2.5)
 
 
 def test_physics_sanity(ingested):

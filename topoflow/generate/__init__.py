@@ -1,8 +1,9 @@
 """The generation stage: Pythia 8 events of each class through topoflow's fast detector simulation,
 written as Delphes-format ROOT files (TTree ``Delphes``) that ``topoflow ingest`` reads like real
 Delphes output. Files are made in parallel processes, one seed per file, and published together.
+QCD comes in two components (``qcd_*`` and ``qcd_fake_*`` files; the glob ``qcd_*.root`` takes both).
 
-    <output>/ttbar_0000.root  <output>/wjets_0000.root  <output>/qcd_0000.root  …  _manifest.json
+    <output>/ttbar_0000.root  <output>/wjets_0000.root  <output>/qcd_0000.root  <output>/qcd_fake_0000.root  …
 """
 
 from __future__ import annotations
@@ -41,19 +42,19 @@ def file_seed(base: int, cls: str, index: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{base}/{cls}/{index}".encode()).digest()[:4], "little") % 900_000_000
 
 
-def make_file(cls: str, index: int, n: int, seed: int, url: str, cfg: StorageConfig) -> dict:
-    """Generate ``n`` filtered events of ``cls`` and write them to ``url`` (runs in a worker process)."""
+def make_file(process: str, index: int, n: int, seed: int, url: str, cfg: StorageConfig) -> dict:
+    """Generate ``n`` events of ``process`` and write them to ``url`` (runs in a worker process)."""
     from topoflow.generate import detector, pythia, writer
 
     t0, stats = time.process_time(), {}
-    batch = list(pythia.events(cls, seed, n, stats))
-    arrays = detector.simulate(batch, np.random.default_rng(seed))
+    batch = list(pythia.events(process, seed, n, stats))
+    arrays = detector.simulate(batch, np.random.default_rng(seed), fake_electrons=process == "qcd_fake")
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, "events.root")
         writer.write(local, arrays)
         fs, path = storage.filesystem(url, cfg)
         fs.put(local, path)
-    return {"class": cls, "index": index, "kept": stats["kept"], "tried": stats["tried"],
+    return {"class": process, "index": index, "kept": stats["kept"], "tried": stats["tried"],
             "cpu_seconds": time.process_time() - t0}
 
 
@@ -61,8 +62,10 @@ def generate(cfg: Config, show_progress: bool = True) -> GenerateSummary:
     """Generate the configured events; returns per-class counts, filter efficiency and speed."""
     gc, sc = cfg.generate, cfg.storage
     t0 = time.monotonic()
-    jobs = [(c, i, min(gc.events_per_file, n - start))
-            for c in CLASSES if (n := gc.events.get(c, 0)) > 0
+    fakes = round(gc.events.get("qcd", 0) * gc.qcd_fake_fraction)
+    per_process = {**gc.events, "qcd": gc.events.get("qcd", 0) - fakes, "qcd_fake": fakes}
+    jobs = [(p, i, min(gc.events_per_file, n - start))
+            for p in (*CLASSES, "qcd_fake") if (n := per_process.get(p, 0)) > 0
             for i, start in enumerate(range(0, n, gc.events_per_file))]
     fs, staging_url, staging = storage.new_staging(gc.output, sc)
     final = storage.filesystem(gc.output, sc)[1]

@@ -30,6 +30,8 @@ CARD = {
     # Jets and b-tagging.
     "jet_r": 0.4, "jet_pt_min": 20.0, "btag_eta": 2.5, "btag_eff_b": 0.70, "btag_mistag": 0.01,
     "b_hadron_pt_min": 5.0,
+    # A jet faking an electron absorbs the particle flow of its core.
+    "fake_core": 0.1,
 }
 
 _NEUTRINOS = (12, 14, 16)
@@ -43,8 +45,10 @@ def _by_eta(eta, barrel_value, endcap_value, edge=1.5):
     return np.where(np.abs(eta) <= edge, barrel_value, endcap_value)
 
 
-def simulate(batch: list[tuple[np.ndarray, np.ndarray]], rng: np.random.Generator) -> dict[str, ak.Array]:
-    """Delphes-named jagged arrays (``EFlowTrack.PT`` …) for a batch of ``(particles, b hadrons)``."""
+def simulate(batch: list[tuple[np.ndarray, np.ndarray]], rng: np.random.Generator,
+             fake_electrons: bool = False) -> dict[str, ak.Array]:
+    """Delphes-named jagged arrays (``EFlowTrack.PT`` …) for a batch of ``(particles, b hadrons)``;
+    ``fake_electrons``: the leading central jet of each event is reconstructed as an electron."""
     counts = np.array([len(p) for p, _ in batch])
     table = np.concatenate([p for p, _ in batch])
     evt = np.repeat(np.arange(len(batch)), counts)
@@ -68,8 +72,6 @@ def simulate(batch: list[tuple[np.ndarray, np.ndarray]], rng: np.random.Generato
     a, b = (_by_eta(eta, CARD["track_res"]["barrel"][i], CARD["track_res"]["endcap"][i]) for i in (0, 1))
     track_pt = pt * np.maximum(1 + rng.normal(size=len(pt)) * np.hypot(a, b * pt), 0.01)
     t = np.flatnonzero(tracked)
-    out |= _collection("EFlowTrack", evt[t], n, PT=track_pt[t], Eta=eta[t], Phi=phi[t], PID=pid[t].astype(np.int32),
-                       Charge=charge[t].astype(np.int32), X=x[t], Y=y[t], Z=z[t])
 
     # Calorimeters: photons and electrons not tracked → EFlowPhoton; other hadrons → EFlowNeutralHadron.
     em = visible & ~tracked & ((aid == 22) | (aid == 11)) & (np.abs(eta) < CARD["ecal_eta"])
@@ -80,10 +82,9 @@ def simulate(batch: list[tuple[np.ndarray, np.ndarray]], rng: np.random.Generato
     e_had = e + rng.normal(size=len(e)) * np.sqrt((hcal[0] * e) ** 2 + hcal[1] ** 2 * e + hcal[2] ** 2)
     g = np.flatnonzero(em & (e_em > CARD["photon_e_min"]))
     h = np.flatnonzero(had & (e_had > CARD["neutral_e_min"]))
-    out |= _collection("EFlowPhoton", evt[g], n, ET=e_em[g] / np.cosh(eta[g]), Eta=eta[g], Phi=phi[g])
-    out |= _collection("EFlowNeutralHadron", evt[h], n, ET=e_had[h] / np.cosh(eta[h]), Eta=eta[h], Phi=phi[h])
 
     # Leptons: generator e/μ after efficiency, with track (μ) or ECAL (e) resolution.
+    leptons = {}
     for name, code, eff, eta_max, smeared in (
         ("Electron", 11, CARD["electron_eff"], CARD["tracker_eta"], e_em / np.cosh(eta)),
         ("Muon", 13, CARD["muon_eff"], CARD["muon_eta"], track_pt),
@@ -91,9 +92,9 @@ def simulate(batch: list[tuple[np.ndarray, np.ndarray]], rng: np.random.Generato
         ok = (aid == code) & (pt > CARD["lepton_pt_min"]) & (np.abs(eta) < eta_max)
         ok &= rng.random(len(pt)) < _by_eta(eta, *eff)
         i = np.flatnonzero(ok)
-        out |= _collection(name, evt[i], n, PT=smeared[i], Eta=eta[i], Phi=phi[i], Charge=charge[i].astype(np.int32))
+        leptons[name] = [evt[i], smeared[i], eta[i], phi[i], charge[i]]
 
-    # Jets from the particle flow, b-tagged by matching to b hadrons; MET from the particle flow.
+    # The particle flow: MET from all of it, anti-kT jets b-tagged by matching b hadrons.
     flow_evt = np.concatenate([evt[t], evt[g], evt[h]])
     flow_pt = np.concatenate([track_pt[t], e_em[g] / np.cosh(eta[g]), e_had[h] / np.cosh(eta[h])])
     flow_eta, flow_phi = np.concatenate([eta[t], eta[g], eta[h]]), np.concatenate([phi[t], phi[g], phi[h]])
@@ -101,11 +102,50 @@ def simulate(batch: list[tuple[np.ndarray, np.ndarray]], rng: np.random.Generato
     mex = -np.bincount(flow_evt, weights=fpx, minlength=n)
     mey = -np.bincount(flow_evt, weights=fpy, minlength=n)
     out |= _collection("MissingET", np.arange(n), n, MET=np.hypot(mex, mey), Eta=np.zeros(n), Phi=np.arctan2(mey, mex))
-    out |= _jets(flow_evt, flow_pt, flow_eta, flow_phi, [bh for _, bh in batch], n, rng)
+    jets = _jets(flow_evt, flow_pt, flow_eta, flow_phi, [bh for _, bh in batch], n, rng)
+
+    kept = np.ones(len(flow_evt), dtype=bool)
+    if fake_electrons:
+        kept, jets, fake = _fake_electron(flow_evt, flow_pt, flow_eta, flow_phi, jets, n, rng)
+        leptons["Electron"] = [np.concatenate([a, b]) for a, b in zip(leptons["Electron"], fake)]
+    kt, kg, kh = np.split(kept, np.cumsum([len(t), len(g)]))
+    t, g, h = t[kt], g[kg], h[kh]
+    out |= _collection("EFlowTrack", evt[t], n, PT=track_pt[t], Eta=eta[t], Phi=phi[t], PID=pid[t].astype(np.int32),
+                       Charge=charge[t].astype(np.int32), X=x[t], Y=y[t], Z=z[t])
+    out |= _collection("EFlowPhoton", evt[g], n, ET=e_em[g] / np.cosh(eta[g]), Eta=eta[g], Phi=phi[g])
+    out |= _collection("EFlowNeutralHadron", evt[h], n, ET=e_had[h] / np.cosh(eta[h]), Eta=eta[h], Phi=phi[h])
+    for name, (le, lpt, leta, lphi, lq) in leptons.items():
+        order = np.lexsort((-lpt, le))  # Delphes sorts by decreasing pT
+        out |= _collection(name, le[order], n, PT=lpt[order], Eta=leta[order], Phi=lphi[order],
+                           Charge=lq[order].astype(np.int32))
+    jevt, jpt, jeta, jphi, btag = jets
+    out |= _collection("Jet", jevt, n, PT=jpt, Eta=jeta, Phi=jphi, BTag=btag)
     return out
 
 
-def _jets(evt, pt, eta, phi, b_hadrons, n, rng) -> dict[str, ak.Array]:
+def _fake_electron(flow_evt, flow_pt, flow_eta, flow_phi, jets, n, rng):
+    """The leading central jet of each event becomes an electron candidate: the particle-flow
+    entries in its core (ΔR < ``fake_core``) are absorbed into it, the rest of the jet stays, so the
+    isolation computed later decides, as in a detector, whether the fake passes the selection.
+    Returns the particle-flow entries kept, the jets left and the fake electrons."""
+    jevt, jpt, jeta, jphi, btag = jets
+    central = np.flatnonzero(np.abs(jeta) < CARD["tracker_eta"])
+    events, first = np.unique(jevt[central], return_index=True)  # jets are sorted by decreasing pT
+    lead = central[first]
+    slot = np.full(n, -1)
+    slot[events] = lead
+    j = slot[flow_evt]
+    has = j >= 0
+    dphi = (flow_phi - jphi[np.maximum(j, 0)] + np.pi) % (2 * np.pi) - np.pi
+    core = has & (np.hypot(flow_eta - jeta[np.maximum(j, 0)], dphi) < CARD["fake_core"])
+    e_pt = np.bincount(np.maximum(j[core], 0), weights=flow_pt[core], minlength=len(jpt))[lead]
+    fake = [jevt[lead], e_pt, jeta[lead], jphi[lead], rng.choice([-1.0, 1.0], size=len(lead))]
+    rest = np.ones(len(jpt), dtype=bool)
+    rest[lead] = False
+    return ~core, tuple(a[rest] for a in jets), fake
+
+
+def _jets(evt, pt, eta, phi, b_hadrons, n, rng) -> tuple[np.ndarray, ...]:
     import fastjet
 
     order = np.argsort(evt, kind="stable")
@@ -132,7 +172,7 @@ def _jets(evt, pt, eta, phi, b_hadrons, n, rng) -> dict[str, ak.Array]:
     p_tag = np.where(matched, CARD["btag_eff_b"], CARD["btag_mistag"]) * (np.abs(jeta) < CARD["btag_eta"])
     btag = (rng.random(len(jpt)) < p_tag).astype(np.uint32)
     order = np.lexsort((-jpt, jevt))  # Delphes sorts jets by decreasing pT
-    return _collection("Jet", jevt[order], n, PT=jpt[order], Eta=jeta[order], Phi=jphi[order], BTag=btag[order])
+    return jevt[order], jpt[order], jeta[order], jphi[order], btag[order]
 
 
 def _collection(name: str, evt: np.ndarray, n: int, **fields: np.ndarray) -> dict[str, ak.Array]:

@@ -1,11 +1,12 @@
 """Pythia 8 event generation at √s = 13 TeV for the three classes, with the generator-level lepton
 filter of the original samples (≥ 1 final-state e or μ with pT > 20 GeV, |η| < 2.5).
 
-QCD is generated as heavy-flavour multijet production (gg/qq̄ → bb̄, p̂T > 30 GeV) with the
-b hadrons forced to decay semileptonically: this is the part of QCD a single-lepton trigger sees
-through real leptons (from b decays, mostly inside jets), obtained ~1,000× faster than by
-filtering inclusive QCD. The sample is therefore a *defined* QCD sample, not inclusive QCD with
-its true rate (events are unweighted); jets faking isolated leptons are not modelled.
+QCD is a *defined* sample of the two ways a single-lepton trigger sees multijet events:
+``qcd``, heavy-flavour production (gg/qq̄ → bb̄, p̂T > 30 GeV) with the b hadrons forced to decay
+semileptonically (real leptons, mostly inside jets), and ``qcd_fake``, inclusive QCD
+(p̂T > 30 GeV) in which the detector simulation turns the leading central jet into an electron
+candidate (a jet faking a lepton). Both are unweighted and conditional on the lepton being there,
+~1,000× faster than filtering inclusive QCD; their mixture is ``generate.qcd_fake_fraction``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ PROCESSES = {
               "24:onMode = off", "24:onIfAny = 11 13 15"],
     "qcd": ["HardQCD:hardbbbar = on", "PhaseSpace:pTHatMin = 30."]
     + [s for b in _B_HADRONS for s in (f"{b}:onMode = off", f"{b}:onIfAny = 11 13")],
+    # Inclusive QCD for the jet→electron fake component: the fake is the trigger lepton, no filter.
+    "qcd_fake": ["HardQCD:all = on", "PhaseSpace:pTHatMin = 30."],
 }
+UNFILTERED = {"qcd_fake"}
 FILTER_PT, FILTER_ETA = 20.0, 2.5
 
 #: Columns of the final-state particle table handed to the detector simulation.
@@ -47,8 +51,10 @@ def events(process: str, seed: int, n_kept: int, stats: dict) -> Iterator[tuple[
             continue
         stats["tried"] += 1
         # The filter first, touching as little of each particle as possible: most QCD events fail it.
-        if not any(p.idAbs() in (11, 13) and p.isFinal() and p.pT() > FILTER_PT and abs(p.eta()) < FILTER_ETA
-                   for p in py.event):
+        if process not in UNFILTERED and not any(
+            p.idAbs() in (11, 13) and p.isFinal() and p.pT() > FILTER_PT and abs(p.eta()) < FILTER_ETA
+            for p in py.event
+        ):
             continue
         stats["kept"] += 1
         table = np.array([(p.id(), p.px(), p.py(), p.pz(), p.e(), p.charge(), p.xProd(), p.yProd(), p.zProd())
