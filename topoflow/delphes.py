@@ -20,7 +20,7 @@ import uproot
 
 from topoflow.config import StorageConfig
 from topoflow.errors import BadInputError, StorageError
-from topoflow.storage import fs_options, protocol, storage_errors
+from topoflow.storage import filesystem, fs_options, protocol, storage_errors
 
 TREE = "Delphes"
 
@@ -79,8 +79,6 @@ def open_tree(url: str, cfg: StorageConfig):
 
 def _diagnose(url: str, cfg: StorageConfig, error: Exception) -> BadInputError:
     """Tell an empty, non-ROOT, truncated or corrupt file apart from the first bytes and the size."""
-    from topoflow.storage import filesystem
-
     try:
         fs, path = filesystem(url, cfg)
         size = fs.size(path)

@@ -104,15 +104,15 @@ def storage_errors(url: str) -> Iterator[None]:
         raise
 
 
-def expand(pattern: str, cfg: StorageConfig) -> list[str]:
-    """The URLs a path, URL or glob names, sorted; fails when it names nothing."""
+def expand(pattern: str, cfg: StorageConfig, missing_ok: bool = False) -> list[str]:
+    """The URLs a path, URL or glob names, sorted; fails when it names nothing (unless ``missing_ok``)."""
     fs, path = filesystem(pattern, cfg)
     with storage_errors(pattern):
         if fsspec.core.has_magic(path):
             found = sorted(fs.glob(path))
         else:
             found = [path] if fs.exists(path) else []
-    if not found:
+    if not found and not missing_ok:
         raise StorageError(
             f"no file matches {pattern!r}\ncheck the path or glob (and for s3:// the bucket name)"
         )

@@ -13,6 +13,8 @@ from __future__ import annotations
 import awkward as ak
 import numpy as np
 
+from topoflow.features import delta_phi
+
 CARD = {
     # Tracker: |η| < 2.5; efficiency by (pT > 1 GeV, barrel |η| ≤ 1.5) as in the CMS card.
     "tracker_eta": 2.5,
@@ -61,14 +63,13 @@ def simulate(batch: list[tuple[np.ndarray, np.ndarray]], rng: np.random.Generato
     out: dict[str, ak.Array] = {}
 
     # Tracks: efficiency and pT resolution inside the tracker.
-    eff_table = np.where(aid == 13, 0, 1)
     in_tracker = charged & (np.abs(eta) < CARD["tracker_eta"]) & (pt > CARD["track_pt_min"])
     high = pt > 1.0
     hadron_eff = _by_eta(eta, np.where(high, CARD["track_eff"]["barrel_high"], CARD["track_eff"]["barrel_low"]),
                          np.where(high, CARD["track_eff"]["endcap_high"], CARD["track_eff"]["endcap_low"]))
     muon_eff = _by_eta(eta, np.where(high, CARD["muon_track_eff"]["barrel_high"], CARD["muon_track_eff"]["barrel_low"]),
                        np.where(high, CARD["muon_track_eff"]["endcap_high"], CARD["muon_track_eff"]["endcap_low"]))
-    tracked = in_tracker & (rng.random(len(pt)) < np.where(eff_table == 0, muon_eff, hadron_eff))
+    tracked = in_tracker & (rng.random(len(pt)) < np.where(aid == 13, muon_eff, hadron_eff))
     a, b = (_by_eta(eta, CARD["track_res"]["barrel"][i], CARD["track_res"]["endcap"][i]) for i in (0, 1))
     track_pt = pt * np.maximum(1 + rng.normal(size=len(pt)) * np.hypot(a, b * pt), 0.01)
     t = np.flatnonzero(tracked)
@@ -136,7 +137,7 @@ def _fake_electron(flow_evt, flow_pt, flow_eta, flow_phi, jets, n, rng):
     slot[events] = lead
     j = slot[flow_evt]
     has = j >= 0
-    dphi = (flow_phi - jphi[np.maximum(j, 0)] + np.pi) % (2 * np.pi) - np.pi
+    dphi = delta_phi(flow_phi, jphi[np.maximum(j, 0)])
     core = has & (np.hypot(flow_eta - jeta[np.maximum(j, 0)], dphi) < CARD["fake_core"])
     e_pt = np.bincount(np.maximum(j[core], 0), weights=flow_pt[core], minlength=len(jpt))[lead]
     fake = [jevt[lead], e_pt, jeta[lead], jphi[lead], rng.choice([-1.0, 1.0], size=len(lead))]
@@ -166,7 +167,7 @@ def _jets(evt, pt, eta, phi, b_hadrons, n, rng) -> tuple[np.ndarray, ...]:
     matched = np.zeros(len(jpt), dtype=bool)
     if keep.any():  # pairs (jet, b hadron) of the same event within ΔR < R
         pj, pb = np.nonzero(jevt[:, None] == bh_evt[keep][None, :])
-        dphi = (jphi[pj] - bh[keep][pb, 2] + np.pi) % (2 * np.pi) - np.pi
+        dphi = delta_phi(jphi[pj], bh[keep][pb, 2])
         close = np.hypot(jeta[pj] - bh[keep][pb, 1], dphi) < CARD["jet_r"]
         matched[pj[close]] = True
     p_tag = np.where(matched, CARD["btag_eff_b"], CARD["btag_mistag"]) * (np.abs(jeta) < CARD["btag_eta"])

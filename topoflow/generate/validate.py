@@ -60,13 +60,11 @@ def validation_plots(generated: str, reference: str, out_dir: Path, cfg: Storage
 
     written = []
     for c in CLASSES:
-        try:
-            gen = observables(storage.expand(storage.join(generated, f"{c}_*.root"), cfg), cfg)
-            ref = observables(storage.expand(storage.join(reference, f"{c}_*.root"), cfg), cfg)
-        except Exception as e:  # a class missing on one side: nothing to compare
-            if "no file matches" in str(e):
-                continue
-            raise
+        gen_urls = storage.expand(storage.join(generated, f"{c}_*.root"), cfg, missing_ok=True)
+        ref_urls = storage.expand(storage.join(reference, f"{c}_*.root"), cfg, missing_ok=True)
+        if not gen_urls or not ref_urls:  # a class missing on one side: nothing to compare
+            continue
+        gen, ref = observables(gen_urls, cfg), observables(ref_urls, cfg)
         with plt.style.context(mplhep.style.CMS):
             fig = _figure(plt, c, gen, ref)
         path = out_dir / f"validation_{c}.png"
