@@ -30,8 +30,9 @@ run: install system-deps
 	$(BIN)/topoflow ingest --config configs/default.yaml
 	$(BIN)/topoflow prepare --config configs/default.yaml
 	$(BIN)/topoflow train --config configs/default.yaml --model hlf --no-progress
+	$(BIN)/topoflow train --config configs/default.yaml --model gru --no-progress
 	$(BIN)/topoflow train --config configs/default.yaml --model inclusive --no-progress
-	$(BIN)/topoflow evaluate --config configs/default.yaml --model out/models/hlf --model out/models/inclusive
+	$(BIN)/topoflow evaluate --config configs/default.yaml
 
 test: install system-deps
 	$(BIN)/python -m pytest

@@ -3,9 +3,11 @@
 sequence; (b) the inclusive model fed by the streaming pipeline vs. the same batches in memory.
 
 Data: a prepared dataset with realistic sequence lengths (20-200 particles), as in
-``input_pipeline.py``.
+``input_pipeline.py``. Then (a) at equal AUC: the GRU trained for whole epochs on a prepared
+generated dataset (``--data``, by default the one ``make run`` leaves in out/prepared), once per
+input layout with the same seed, timed end to end and scored on the test split.
 
-    python benchmarks/training_throughput.py [--events 4000] [--batch-size 128]
+    python benchmarks/training_throughput.py [--events 8000] [--batch-size 128] [--data out/prepared]
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from input_pipeline import write_prepared
-from topoflow import dataset
+from topoflow import CLASSES, dataset, storage
 from topoflow.config import StorageConfig, TrainConfig
+from topoflow.evaluate import metrics
 from topoflow.models import INPUTS, build
 from topoflow.tf import import_tensorflow
 
@@ -40,11 +43,49 @@ def timed_fit(model, data, steps: int, warmup: int = 4) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def gru_epochs(url: str, sc: StorageConfig, bs: int, epochs: int, layout: str) -> tuple[float, dict]:
+    """samples/s of ``epochs`` whole GRU epochs (tracing and all) with one input layout: ``801``
+    (the original's fixed padding), ``cut`` (to each batch's longest) or ``bucket``; and test AUCs."""
+    tf = import_tensorflow()
+    import keras
+
+    keras.utils.set_random_seed(0)
+    train = dataset.tf_dataset(storage.join(url, "train"), sc, bs, shuffle=True, bucket=layout == "bucket",
+                               inputs=("particles",))
+    steps = int(train.cardinality())
+    if layout == "801":
+        train = train.map(lambda x, y: ({"particles": tf.pad(
+            x["particles"], [[0, 0], [0, dataset.MAX_PARTICLES - tf.shape(x["particles"])[1]], [0, 0]])}, y))
+    model = build(TrainConfig(model="gru"), total_steps=steps * epochs)
+    t0 = time.perf_counter()
+    model.fit(train, epochs=epochs, verbose=0)
+    rate = dataset.num_rows(storage.join(url, "train"), sc) * epochs / (time.perf_counter() - t0)
+    labels, probs = [], []
+    for x, y in dataset.iter_batches(storage.join(url, "test"), sc, 1024, inputs=("particles",)):
+        probs.append(model.predict_on_batch(x))
+        labels.append(y.argmax(axis=1))
+    return rate, metrics(np.concatenate(labels), np.concatenate(probs))["auc"]
+
+
+def equal_auc_table(url: str, sc: StorageConfig, bs: int, epochs: int) -> None:
+    runs = {layout: gru_epochs(url, sc, bs, epochs, layout) for layout in ("801", "cut", "bucket")}
+    print(f"\n(a) at equal AUC: GRU, {epochs} epochs on {url} (generated events), batch {bs}\n")
+    print("| GRU input | samples/s | speed-up | " + " | ".join(f"AUC {c}" for c in CLASSES) + " |")
+    print("|---|---:|---:|" + "---:|" * len(CLASSES))
+    names = {"801": "fixed 801 steps (original)", "cut": "cut to longest (topoflow)",
+             "bucket": "cut to longest + length bucketing (topoflow)"}
+    for layout, (rate, auc) in runs.items():
+        print(f"| {names[layout]} | {rate:,.0f} | {rate / runs['801'][0]:.1f}× | "
+              + " | ".join(f"{auc[c]:.4f}" for c in CLASSES) + " |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=8000)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--data", default="out/prepared", help="prepared generated dataset for (a) at equal AUC")
+    ap.add_argument("--epochs", type=int, default=10, help="GRU epochs per input layout for (a) at equal AUC")
     args = ap.parse_args()
     tf = import_tensorflow()
     sc, bs = StorageConfig(), args.batch_size
@@ -82,6 +123,10 @@ def main() -> None:
     print(f"\n(a) vs. 801 steps: cut to longest {gru_cut / gru_801:.1f}× faster, with bucketing "
           f"{gru_bucket / gru_801:.1f}× (target ≥ 3×)")
     print(f"(b) streamed vs. in memory (inclusive): {rows[2][1] / inclusive_memory:.2f} (target ≥ 0.9)")
+    if Path(args.data).exists() or "://" in args.data:
+        equal_auc_table(args.data, sc, bs, args.epochs)
+    else:
+        print(f"\n(a) at equal AUC skipped: no prepared dataset at {args.data} (run `make run` first, or pass --data)")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,10 @@ padding, exports agree, and the report's numbers match independent computations.
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -112,16 +116,32 @@ def test_inclusive_learns_and_exports_agree(synthetic_prepared, tmp_path):
     assert (folder / "preprocessing.json").read_text() == (synthetic_prepared / "preprocessing.json").read_text()
 
 
-def test_resume_reaches_the_same_result(synthetic_prepared, tmp_path):
+def test_killed_training_resumes_to_the_same_result(synthetic_prepared, tmp_path):
+    """A CLI run stopped by SIGTERM (as Kubernetes evicts a pod) after its first checkpoint, then
+    resumed with the same settings, ends with the history of an uninterrupted run."""
     from topoflow.train import train
 
-    straight = train(_train_cfg(synthetic_prepared, tmp_path / "a", "gru", epochs=2, batch_size=64), show_progress=False)
-    first = _train_cfg(synthetic_prepared, tmp_path / "b", "gru", epochs=1, batch_size=64)
-    train(first, show_progress=False)
-    first.train.epochs = 2
-    resumed = train(first, resume=True, show_progress=False)
+    epochs = 6
+    straight = train(_train_cfg(synthetic_prepared, tmp_path / "a", "gru", epochs=epochs, batch_size=64),
+                     show_progress=False)
+    cfg = _train_cfg(synthetic_prepared, tmp_path / "b", "gru", epochs=epochs, batch_size=64)
+    state = tmp_path / "b" / "ckpt" / "gru" / "state.json"
+    proc = subprocess.Popen([sys.executable, "-m", "topoflow.cli", "train", "--no-progress", "--model", "gru",
+                             "--data", str(synthetic_prepared), "--epochs", str(epochs), "--set", "train.batch_size=64",
+                             "--set", f"train.checkpoint_dir={state.parent}", "--output", cfg.train.output],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    done = json.loads(state.read_text())["epoch"]
+    assert proc.returncode == 2 and 1 <= done < epochs, (proc.returncode, done, err)
+    assert f"{done} epoch(s) are checkpointed" in err and "--resume" in err
+    resumed = train(cfg, resume=True, show_progress=False)
     np.testing.assert_allclose(resumed.history["loss"], straight.history["loss"], rtol=1e-5)
     np.testing.assert_allclose(resumed.history["val_loss"], straight.history["val_loss"], rtol=1e-5)
+    assert len(list(state.parent.glob("*.keras"))) == 1, "only the last epoch's model is kept"
 
 
 def test_resume_without_checkpoint_is_a_clear_error(synthetic_prepared, tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 
 from topoflow import CLASSES, __version__
@@ -236,8 +237,13 @@ _STAGE_OVERRIDES = {
 }
 
 
+def _stop(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (a pod being evicted) stops as cleanly as Ctrl-C
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -156,7 +156,10 @@ class TrainConfig(_Section):
     hlf_units: list[int] = Field(default_factory=lambda: [50, 20, 10], description="hidden layers of the HLF model")
     dense_units: int = Field(25, ge=1, description="the inclusive model's dense layer")
     dropout: float = Field(0.2, ge=0, lt=1)
-    learning_rate: float = Field(1e-3, gt=0)
+    learning_rate: float = Field(3e-3, gt=0, description="Adam's initial learning rate")
+    lr_schedule: Literal["cosine", "constant"] = Field(
+        "cosine", description="cosine: decay to 5 % of learning_rate over all epochs (settles the last epochs); "
+        "constant: the original's fixed rate")
     batch_size: int = Field(128, ge=1)
     epochs: int = Field(6, ge=1)
     steps_per_epoch: int | None = Field(None, ge=1, description="cap on batches per epoch (quick runs)")

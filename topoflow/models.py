@@ -15,8 +15,9 @@ MODELS = ("hlf", "gru", "inclusive")
 INPUTS = {"hlf": ("hlf",), "gru": ("particles",), "inclusive": ("hlf", "particles")}
 
 
-def build(cfg: TrainConfig):
-    """A compiled model for ``cfg.model`` (Adam, categorical cross-entropy, accuracy and AUC)."""
+def build(cfg: TrainConfig, total_steps: int | None = None):
+    """A compiled model for ``cfg.model`` (Adam, categorical cross-entropy, accuracy and AUC).
+    ``total_steps`` (batches in the whole run) is what a cosine ``lr_schedule`` decays over."""
     import_tensorflow()
     import keras
     from keras import layers
@@ -38,6 +39,9 @@ def build(cfg: TrainConfig):
         x, inputs = layers.Dense(cfg.dense_units, activation="relu")(x), {"hlf": hlf, "particles": seq}
     out = layers.Dense(3, activation="softmax", dtype="float32", name="probabilities")(x)
     model = keras.Model(inputs, out, name=f"topoflow_{cfg.model}")
-    model.compile(keras.optimizers.Adam(cfg.learning_rate), "categorical_crossentropy",
+    lr = cfg.learning_rate
+    if cfg.lr_schedule == "cosine" and total_steps:
+        lr = keras.optimizers.schedules.CosineDecay(lr, decay_steps=total_steps, alpha=0.05)
+    model.compile(keras.optimizers.Adam(lr), "categorical_crossentropy",
                   metrics=["accuracy", keras.metrics.AUC(name="auc", multi_label=True, num_labels=3)])
     return model

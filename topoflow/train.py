@@ -27,8 +27,7 @@ from topoflow.tf import import_tensorflow
 tf = import_tensorflow()
 import keras  # noqa: E402  (after import_tensorflow: see topoflow.tf)
 
-STATE = "state.json"
-LAST = "last.keras"
+STATE = "state.json"  # {"epoch", "model", "history"}: names the model file of the last completed epoch
 
 
 @dataclass
@@ -63,22 +62,22 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True) -> Trai
     state = json.loads((ckpt / STATE).read_text()) if resume and (ckpt / STATE).exists() else None
     if resume and state is None:
         raise TopoflowError(f"nothing to resume: no checkpoint in {ckpt}\nrun without --resume to start afresh")
-    with strategy.scope():
-        if state:
-            model = keras.saving.load_model(ckpt / LAST)
-        else:
-            shutil.rmtree(ckpt, ignore_errors=True)
-            ckpt.mkdir(parents=True)
-            keras.utils.set_random_seed(tc.seed)
-            model = build(tc)
     first_epoch = state["epoch"] if state else 0
     history = state["history"] if state else {}
-
     inputs = INPUTS[tc.model]
     common = dict(batch_size=tc.batch_size, inputs=inputs)
     train_ds = dataset.tf_dataset(storage.join(tc.data, "train"), sc, shuffle=True, seed=tc.seed, bucket=tc.bucket,
                                   first_epoch=first_epoch, **common)
     val_ds = dataset.tf_dataset(storage.join(tc.data, "test"), sc, **common)
+    steps = min(int(train_ds.cardinality()), tc.steps_per_epoch or 1 << 62)
+    with strategy.scope():
+        if state:
+            model = keras.saving.load_model(ckpt / state["model"])
+        else:
+            shutil.rmtree(ckpt, ignore_errors=True)
+            ckpt.mkdir(parents=True)
+            keras.utils.set_random_seed(tc.seed)
+            model = build(tc, total_steps=steps * tc.epochs)
     timer = _Timer()
     callbacks = [_EpochSeeds(tc.seed), timer, _Checkpoint(ckpt, history), _MetricLines(),
                  keras.callbacks.TensorBoard(str(ckpt / "logs"))]
@@ -128,7 +127,8 @@ class _Timer(keras.callbacks.Callback):
 
 
 class _Checkpoint(keras.callbacks.Callback):
-    """After every epoch: the model (with optimizer state) and the history, each replaced atomically."""
+    """After every epoch: the model (with optimizer state) in a new file, then ``state.json`` naming
+    it, replaced atomically; a kill at any instant leaves a state and the model it names."""
 
     def __init__(self, folder: Path, history: dict):
         super().__init__()
@@ -137,11 +137,15 @@ class _Checkpoint(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         for k, v in (logs or {}).items():
             self.history.setdefault(k, []).append(float(v))
-        tmp = self.folder / f".{LAST}.tmp.keras"
-        self.model.save(tmp)
-        os.replace(tmp, self.folder / LAST)
-        (self.folder / f".{STATE}.tmp").write_text(json.dumps({"epoch": epoch + 1, "history": self.history}))
+        name = f"epoch-{epoch + 1:04d}.keras"
+        self.model.save(self.folder / f".{name}.tmp.keras")
+        os.replace(self.folder / f".{name}.tmp.keras", self.folder / name)
+        state = {"epoch": epoch + 1, "model": name, "history": self.history}
+        (self.folder / f".{STATE}.tmp").write_text(json.dumps(state))
         os.replace(self.folder / f".{STATE}.tmp", self.folder / STATE)
+        for old in self.folder.glob("epoch-*.keras"):
+            if old.name != name:
+                old.unlink()
 
 
 class _MetricLines(keras.callbacks.Callback):
