@@ -58,7 +58,7 @@ def gru_epochs(url: str, sc: StorageConfig, bs: int, epochs: int, layout: str) -
             x["particles"], [[0, 0], [0, dataset.MAX_PARTICLES - tf.shape(x["particles"])[1]], [0, 0]])}, y))
     model = build(TrainConfig(model="gru"), total_steps=steps * epochs)
     t0 = time.perf_counter()
-    model.fit(train, epochs=epochs, verbose=0)
+    model.fit(train, epochs=epochs, verbose=0, shuffle=False)
     rate = dataset.num_rows(storage.join(url, "train"), sc) * epochs / (time.perf_counter() - t0)
     labels, probs = [], []
     for x, y in dataset.iter_batches(storage.join(url, "test"), sc, 1024, inputs=("particles",)):
