@@ -65,25 +65,20 @@ def child_pipeline(url: str, batch_size: int, bucket: bool) -> dict:
 
 
 def child_model(url: str, batch_size: int, steps: int) -> dict:
-    """The particle-sequence GRU of SPEC.md fed in-memory batches taken from the dataset."""
+    """The particle-sequence GRU of SPEC.md (topoflow.models) fed in-memory batches from the dataset."""
     from topoflow import dataset
-    from topoflow.config import StorageConfig
-    from topoflow.tf import import_tensorflow
+    from topoflow.config import StorageConfig, TrainConfig
+    from topoflow.models import build
 
-    tf = import_tensorflow()
-    import keras
-
-    batches = [x["particles"] for x, _ in dataset.iter_batches(url, StorageConfig(), batch_size)][:steps]
+    batches = [x for x, _ in dataset.iter_batches(url, StorageConfig(), batch_size, inputs=("particles",))][:steps]
     labels = np.eye(3, dtype=np.float32)[np.zeros(batch_size, dtype=int)]
-    model = keras.Sequential([keras.Input((None, 19)), keras.layers.Masking(), keras.layers.GRU(50),
-                              keras.layers.Dropout(0.2), keras.layers.Dense(3, activation="softmax")])
-    model.compile(keras.optimizers.Adam(1e-3), "categorical_crossentropy")
-    model.train_on_batch(batches[0], labels)  # compile / trace outside the timing
+    model = build(TrainConfig(model="gru"))
+    model.train_on_batch(batches[0], labels[: len(batches[0]["particles"])])  # trace outside the timing
     t0 = time.perf_counter()
     for b in batches[1:]:
-        model.train_on_batch(b, labels[: len(b)])
+        model.train_on_batch(b, labels[: len(b["particles"])])
     seconds = time.perf_counter() - t0
-    return {"samples": sum(len(b) for b in batches[1:]), "seconds": seconds, "tf": tf.__version__}
+    return {"samples": sum(len(b["particles"]) for b in batches[1:]), "seconds": seconds}
 
 
 def _run_child(*args: str) -> dict:

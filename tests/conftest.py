@@ -52,6 +52,17 @@ def ingest_config(datasets: dict[str, list[str]], output: str, **ingest) -> Conf
     return cfg
 
 
+def train_config(data, out, model: str, **train) -> Config:
+    """A Config that trains ``model`` on the prepared dataset ``data``, writing below the folder ``out``."""
+    cfg = Config()
+    cfg.train.data, cfg.train.model = str(data), model
+    cfg.train.output = str(out / "models" / "{model}")
+    cfg.train.checkpoint_dir = str(out / "ckpt" / "{model}")
+    for k, v in train.items():
+        setattr(cfg.train, k, v)
+    return cfg
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

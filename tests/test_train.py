@@ -13,21 +13,11 @@ import numpy as np
 import pytest
 
 import synthetic
-from conftest import SAMPLES, ingest_config
+from conftest import SAMPLES, ingest_config, train_config
 from topoflow.config import Config, TrainConfig
 from topoflow.tf import import_tensorflow
 
 pytestmark = pytest.mark.spark
-
-
-def _train_cfg(data, tmp_path, model, **kw) -> Config:
-    cfg = Config()
-    cfg.train.data, cfg.train.model = str(data), model
-    cfg.train.output = str(tmp_path / "models" / "{model}")
-    cfg.train.checkpoint_dir = str(tmp_path / "ckpt" / "{model}")
-    for k, v in kw.items():
-        setattr(cfg.train, k, v)
-    return cfg
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +74,7 @@ def test_masking_ignores_padding(model):
 def test_each_model_trains_on_real_delphes_fixture(delphes_prepared, tmp_path, model, capsys):
     from topoflow.train import train
 
-    result = train(_train_cfg(delphes_prepared, tmp_path, model, epochs=1, batch_size=8), show_progress=False)
+    result = train(train_config(delphes_prepared, tmp_path, model, epochs=1, batch_size=8), show_progress=False)
     assert np.isfinite(result.history["loss"]).all()
     out = capsys.readouterr().out
     assert "epoch=1 " in out and "val_loss=" in out, "Katib-readable metric lines"
@@ -100,7 +90,7 @@ def test_inclusive_learns_and_exports_agree(synthetic_prepared, tmp_path):
     tf = import_tensorflow()
     import keras
 
-    result = train(_train_cfg(synthetic_prepared, tmp_path, "inclusive", epochs=3, batch_size=64), show_progress=False)
+    result = train(train_config(synthetic_prepared, tmp_path, "inclusive", epochs=3, batch_size=64), show_progress=False)
     assert result.history["val_accuracy"][-1] > 0.6, "well above chance (1/3) on separable classes"
     folder = tmp_path / "models" / "inclusive"
     x, _ = next(dataset.iter_batches(str(synthetic_prepared / "test"), Config().storage, 32))
@@ -122,9 +112,9 @@ def test_killed_training_resumes_to_the_same_result(synthetic_prepared, tmp_path
     from topoflow.train import train
 
     epochs = 6
-    straight = train(_train_cfg(synthetic_prepared, tmp_path / "a", "gru", epochs=epochs, batch_size=64),
+    straight = train(train_config(synthetic_prepared, tmp_path / "a", "gru", epochs=epochs, batch_size=64),
                      show_progress=False)
-    cfg = _train_cfg(synthetic_prepared, tmp_path / "b", "gru", epochs=epochs, batch_size=64)
+    cfg = train_config(synthetic_prepared, tmp_path / "b", "gru", epochs=epochs, batch_size=64)
     state = tmp_path / "b" / "ckpt" / "gru" / "state.json"
     proc = subprocess.Popen([sys.executable, "-m", "topoflow.cli", "train", "--no-progress", "--model", "gru",
                              "--data", str(synthetic_prepared), "--epochs", str(epochs), "--set", "train.batch_size=64",
@@ -149,7 +139,7 @@ def test_resume_without_checkpoint_is_a_clear_error(synthetic_prepared, tmp_path
     from topoflow.train import train
 
     with pytest.raises(TopoflowError, match="nothing to resume"):
-        train(_train_cfg(synthetic_prepared, tmp_path, "hlf"), resume=True, show_progress=False)
+        train(train_config(synthetic_prepared, tmp_path, "hlf"), resume=True, show_progress=False)
 
 
 def test_roc_auc_matches_pairwise_definition():
@@ -175,7 +165,7 @@ def test_evaluate_report_compares_models(synthetic_prepared, tmp_path):
     from topoflow.train import train
 
     for model in ("hlf", "inclusive"):
-        train(_train_cfg(synthetic_prepared, tmp_path, model, epochs=3, batch_size=64, learning_rate=0.01),
+        train(train_config(synthetic_prepared, tmp_path, model, epochs=3, batch_size=64, learning_rate=0.01),
               show_progress=False)
     cfg = Config()
     cfg.evaluate.data = str(synthetic_prepared)
