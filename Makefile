@@ -29,9 +29,9 @@ run: install system-deps
 	$(BIN)/topoflow generate --config configs/default.yaml
 	$(BIN)/topoflow ingest --config configs/default.yaml
 	$(BIN)/topoflow prepare --config configs/default.yaml
-	$(BIN)/topoflow train --config configs/default.yaml --model hlf --no-progress
-	$(BIN)/topoflow train --config configs/default.yaml --model gru --no-progress
-	$(BIN)/topoflow train --config configs/default.yaml --model inclusive --no-progress
+	$(BIN)/topoflow train --config configs/default.yaml --model hlf --restart --no-progress
+	$(BIN)/topoflow train --config configs/default.yaml --model gru --restart --no-progress
+	$(BIN)/topoflow train --config configs/default.yaml --model inclusive --restart --no-progress
 	$(BIN)/topoflow evaluate --config configs/default.yaml
 
 test: install system-deps

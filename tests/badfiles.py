@@ -40,14 +40,14 @@ def corrupt_basket(src: Path, dst: Path, branch: str = "EFlowTrack.PT") -> Path:
 
 
 def flat_copy(src: Path, dst: Path, drop: str | None = None, tree: str = "Delphes", nan_entry: int | None = None) -> Path:
-    """An uproot-written copy of the needed collections: ``drop`` one, rename the tree, or put a NaN
-    into the first track of entry ``nan_entry``."""
+    """An uproot-written copy of the needed collections: ``drop`` one (``Jet``) or one branch
+    (``Jet.BTag``), rename the tree, or put a NaN into the first track of entry ``nan_entry``."""
     t = uproot.open(src)["Delphes"]
     data = {}
     for c, fs in FIELDS.items():
         if c == drop:
             continue
-        cols = {k: t[f"{c}.{k}"].array() for k in fs}
+        cols = {k: t[f"{c}.{k}"].array() for k in fs if f"{c}.{k}" != drop}
         if c == "EFlowTrack":
             cols["Charge"] = t["EFlowTrack.Charge"].array()
             if nan_entry is not None:

@@ -11,8 +11,6 @@ import yaml
 
 from conftest import SAMPLES
 from topoflow.cli import main
-from topoflow.config import load_config
-from topoflow.errors import ConfigError
 
 
 def test_help_lists_stages_and_teaches_ingest(capsys):
@@ -33,22 +31,6 @@ def test_config_precedence_file_then_set_then_flags(tmp_path, capsys):
     shown = yaml.safe_load(capsys.readouterr().out)
     assert shown["spark"]["master"] == "local[1]" and shown["ingest"]["batch_size"] == 7
     assert shown["ingest"]["output"] == "from-file"
-
-
-def test_secrets_are_masked_when_printed(capsys):
-    assert main(["config", "--set", "storage.s3_secret_access_key=hunter2"]) == 0
-    assert "hunter2" not in capsys.readouterr().out
-
-
-@pytest.mark.parametrize("overrides, message", [
-    (["ingest.on_bad_file=sometimes"], "on_bad_file"),
-    (["ingest.datasets={higgs: [x.root]}"], "unknown class name"),
-    (["spark.nonsense=1"], "nonsense"),
-    (["novalue"], "section.key=value"),
-])
-def test_invalid_settings_are_clear_errors(overrides, message):
-    with pytest.raises(ConfigError, match=message):
-        load_config(None, overrides)
 
 
 def test_missing_config_file_and_bad_dataset_flag_exit_2(tmp_path, capsys):
@@ -90,4 +72,6 @@ def test_prepare_help_and_flags(capsys):
 def test_prepare_on_missing_input_is_a_clear_error(tmp_path, capsys):
     assert main(["prepare", "--no-progress", "--input", str(tmp_path / "none"), "--output", str(tmp_path / "o"),
                  "--master", "local[1]"]) == 2
-    assert "no Parquet files here" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "the input dataset does not exist" in err and str(tmp_path / "none") in err and "topoflow ingest" in err
+    assert "SQLSTATE" not in err and "Traceback" not in err

@@ -8,6 +8,10 @@ by ≈ 0.010 with 800 training events per class and ≈ 0.005 with 1,600, and le
 
 from __future__ import annotations
 
+import hashlib
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -15,21 +19,35 @@ from conftest import train_config
 from topoflow import CLASSES
 from topoflow.config import Config
 
-pytestmark = [pytest.mark.slow, pytest.mark.spark]
+# Generation takes ≈ 10 min of a quiet 2-core machine (the first test pays it): 2.5× headroom.
+pytestmark = [pytest.mark.slow, pytest.mark.spark, pytest.mark.timeout(2400)]
 EVENTS = {"qcd": 24000, "ttbar": 6000, "wjets": 6000}  # twice configs/default.yaml
+CACHE = Path(os.environ.get("TOPOFLOW_TEST_CACHE", Path.home() / ".cache" / "topoflow-tests"))
+
+
+def _generated(cfg: Config) -> Path:
+    """The generated ROOT files, made once per generator version, settings and seed: a cache keyed
+    by the generator's source, so that a change to the generator regenerates them."""
+    from topoflow import generate
+
+    source = b"".join(p.read_bytes() for p in sorted(Path(generate.__file__).parent.glob("*.py")))
+    key = hashlib.sha256(source + cfg.generate.model_dump_json(exclude={"output", "workers"}).encode()).hexdigest()
+    cfg.generate.output = str(CACHE / f"generated-{key[:16]}")
+    if not (Path(cfg.generate.output) / "_manifest.json").exists():
+        generate.generate(cfg, show_progress=False)
+    return Path(cfg.generate.output)
 
 
 @pytest.fixture(scope="module")
 def generated_prepared(spark, tmp_path_factory):
-    from topoflow.generate import generate
     from topoflow.ingest import ingest
     from topoflow.prepare import prepare
 
     base = tmp_path_factory.mktemp("generated")
     cfg = Config()
-    cfg.generate.output, cfg.generate.events, cfg.generate.workers = str(base / "root"), EVENTS, 2
-    generate(cfg, show_progress=False)
-    cfg.ingest.datasets = {c: [str(base / "root" / f"{c}_*.root")] for c in EVENTS}
+    cfg.generate.events, cfg.generate.workers = EVENTS, 2
+    root = _generated(cfg)
+    cfg.ingest.datasets = {c: [str(root / f"{c}_*.root")] for c in EVENTS}
     cfg.ingest.output = str(base / "ingested")
     ingest(cfg, spark, show_progress=False)
     cfg.prepare.input, cfg.prepare.output = str(base / "ingested"), str(base / "prepared")

@@ -88,6 +88,8 @@ def test_rerun_replaces_the_dataset(spark, delphes_dir, tmp_path):
     (lambda src, d: badfiles.not_root(d / "x.root"), "not a ROOT file: first four bytes are b'PAR1'"),
     (lambda src, d: badfiles.flat_copy(src, d / "x.root", tree="Events"), "no TTree 'Delphes'"),
     (lambda src, d: badfiles.flat_copy(src, d / "x.root", drop="Jet"), "missing branch(es) in tree 'Delphes': Jet.PT"),
+    (lambda src, d: badfiles.flat_copy(src, d / "x.root", drop="Jet.BTag"), "missing branch(es) in tree 'Delphes': Jet.BTag"),
+    (lambda src, d: badfiles.flat_copy(src, d / "x.root", drop="Muon"), "ingest.muon_collection"),
 ])
 def test_bad_file_fails_before_writing(spark, delphes_dir, tmp_path, maker, problem):
     bad = maker(delphes_dir / SAMPLES["ttbar"], tmp_path)
@@ -96,6 +98,7 @@ def test_bad_file_fails_before_writing(spark, delphes_dir, tmp_path, maker, prob
     with pytest.raises(BadInputError) as e:
         ingest(ingest_config(datasets, str(out)), spark, show_progress=False)
     assert problem in str(e.value) and str(bad) in str(e.value)
+    assert ("muon" in str(e.value)) == ("Muon" in problem or "muon" in problem), "the muon hint only for muons"
     assert not out.exists() and not list(tmp_path.glob("ingested.staging-*"))
 
 

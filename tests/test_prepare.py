@@ -53,17 +53,26 @@ def prepared(spark, raw, tmp_path_factory):
 
 def test_splits_are_disjoint_balanced_and_sized(prepared):
     summary, out = prepared
-    train, test = _rows(out / "train"), _rows(out / "test")
-    assert not set(train) & set(test), "an event in both splits"
+    rows = {name: _rows(out / name) for name in ("train", "validation", "test")}
+    keys = [set(r) for r in rows.values()]
+    assert not (keys[0] & keys[1] or keys[0] & keys[2] or keys[1] & keys[2]), "an event in two splits"
     for c in CLASSES:
-        kept = summary.counts["train"][c] + summary.counts["test"][c]
+        kept = sum(summary.counts[name][c] for name in rows)
         assert abs(kept - 600) <= 5 * np.sqrt(600), f"{c}: {kept} kept, balance target 600"
-    assert summary.counts["train"]["qcd"] + summary.counts["test"]["qcd"] == 600, "smallest class kept whole"
-    n_test, n_all = len(test), len(train) + len(test)
-    assert abs(n_test / n_all - 0.2) < 5 * np.sqrt(0.16 / n_all)
+    assert sum(summary.counts[name]["qcd"] for name in rows) == 600, "smallest class kept whole"
+    n_all = sum(len(r) for r in rows.values())
+    for name, share in (("test", 0.2), ("validation", 0.8 * 0.1)):  # validation: 10 % of the non-test events
+        assert abs(len(rows[name]) / n_all - share) < 5 * np.sqrt(share * (1 - share) / n_all), name
     manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["counts"] == summary.counts and manifest["input_counts"] == COUNTS
-    assert all(len(r["particles"]) == r["n_particles"] for r in train.values())
+    assert all(len(r["particles"]) == r["n_particles"] for r in rows["train"].values())
+
+
+def test_validation_share_does_not_move_test_events(spark, raw, prepared, tmp_path):
+    _, out = prepared
+    prepare(_cfg(raw[1], tmp_path / "wide", validation_fraction=0.3), spark, show_progress=False)
+    assert set(_rows(tmp_path / "wide" / "test")) == set(_rows(out / "test"))
+    assert set(_rows(tmp_path / "wide" / "validation")) > set(_rows(out / "validation"))
 
 
 def test_scalers_come_from_the_training_split_only(prepared, raw):
@@ -129,7 +138,7 @@ def test_original_schema_input(spark, tmp_path):
     out = tmp_path / "prepared"
     prepare(_cfg(src, out, from_original=True, balance=False), spark, show_progress=False)
     pre = Preprocessing.load(str(out), Config().storage)
-    rows = list(_rows(out / "train").values()) + list(_rows(out / "test").values())
+    rows = [r for name in ("train", "validation", "test") for r in _rows(out / name).values()]
     assert len(rows) == 120
     originals = {tuple(np.round(h, 4)): p for h, p in zip(table.column("hlf").to_pylist(), table.column("particles").to_pylist())}
     for r in rows[:10]:  # padding rows gone, order kept

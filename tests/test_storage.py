@@ -130,3 +130,29 @@ def test_prepare_and_stream_on_s3(spark, s3_server, tmp_path):
     assert fs.exists("out/prepared/preprocessing.json") and fs.exists("out/prepared/train/_manifest.json")
     batches = list(dataset.iter_batches("s3://out/prepared/train", s3_server, 16))
     assert sum(len(y) for _, y in batches) == sum(summary.counts["train"].values()) > 0
+
+
+def test_s3_endpoint_without_credentials_is_a_clear_error(s3_server, monkeypatch):
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    with pytest.raises(StorageError, match="no S3 credentials for URL s3://delphes/\\*.root\nset storage.s3_access_key_id"):
+        storage.expand("s3://delphes/*.root", StorageConfig(s3_endpoint_url=s3_server.s3_endpoint_url, timeout_s=5))
+
+
+def test_an_endpoint_that_is_not_s3_is_named_as_such():
+    """An HTTP server that is no S3 service lists nothing: without a check this reads "no file matches"."""
+    import http.server
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with pytest.raises(StorageError, match=f"the endpoint {endpoint} answers HTTP but is not an S3 service"):
+            storage.expand("s3://delphes/*.root", StorageConfig(s3_endpoint_url=endpoint, s3_access_key_id="k",
+                                                                  s3_secret_access_key="s", timeout_s=5))
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -74,10 +74,13 @@ def test_masking_ignores_padding(model):
 def test_each_model_trains_on_real_delphes_fixture(delphes_prepared, tmp_path, model, capsys):
     from topoflow.train import train
 
-    result = train(train_config(delphes_prepared, tmp_path, model, epochs=1, batch_size=8), show_progress=False)
+    result = train(train_config(delphes_prepared, tmp_path, model, epochs=1, batch_size=8), show_progress=True)
     assert np.isfinite(result.history["loss"]).all()
     out = capsys.readouterr().out
-    assert "epoch=1 " in out and "val_loss=" in out, "Katib-readable metric lines"
+    assert "\x1b" not in out and "\r" not in out, "no progress bar when stdout is not a terminal"
+    metric_lines = [line for line in out.splitlines() if line.startswith("epoch=1 ")]
+    assert len(metric_lines) == 1 and "val_loss=" in metric_lines[0], "a Katib-readable metric line of its own"
+    assert "1 epoch," in result.table()
     assert (tmp_path / "models" / model / "_manifest.json").exists()
 
 
@@ -127,7 +130,7 @@ def test_killed_training_resumes_to_the_same_result(synthetic_prepared, tmp_path
     _, err = proc.communicate(timeout=120)
     done = json.loads(state.read_text())["epoch"]
     assert proc.returncode == 2 and 1 <= done < epochs, (proc.returncode, done, err)
-    assert f"{done} epoch(s) are checkpointed" in err and "--resume" in err
+    assert f"{done} epoch{'s' if done > 1 else ''} checkpointed" in err and "--resume" in err
     resumed = train(cfg, resume=True, show_progress=False)
     np.testing.assert_allclose(resumed.history["loss"], straight.history["loss"], rtol=1e-5)
     np.testing.assert_allclose(resumed.history["val_loss"], straight.history["val_loss"], rtol=1e-5)
@@ -142,40 +145,34 @@ def test_resume_without_checkpoint_is_a_clear_error(synthetic_prepared, tmp_path
         train(train_config(synthetic_prepared, tmp_path, "hlf"), resume=True, show_progress=False)
 
 
-def test_roc_auc_matches_pairwise_definition():
-    from topoflow.evaluate import metrics, roc_curve
-
-    rng = np.random.default_rng(1)
-    y = rng.integers(0, 3, 400)
-    prob = rng.dirichlet(np.ones(3), 400) + np.eye(3)[y] * 0.3
-    prob /= prob.sum(axis=1, keepdims=True)
-    result = metrics(y, prob)
-    for k, c in enumerate(("qcd", "ttbar", "wjets")):
-        s, b = prob[y == k, k], prob[y != k, k]
-        pairwise = ((s[:, None] > b[None, :]).sum() + 0.5 * (s[:, None] == b[None, :]).sum()) / (len(s) * len(b))
-        assert result["auc"][c] == pytest.approx(pairwise, abs=1e-12)
-    fpr, tpr = roc_curve(y == 1, prob[:, 1])
-    assert result["trigger"]["ttbar"]["efficiency_at_fpr_0.1"] == pytest.approx(np.interp(0.1, fpr, tpr))
-    assert np.array(result["confusion"]).sum() == 400
-    assert result["accuracy"] == pytest.approx((prob.argmax(1) == y).mean())
-
-
-def test_evaluate_report_compares_models(synthetic_prepared, tmp_path):
-    from topoflow.evaluate import evaluate
+def test_a_checkpoint_is_never_discarded_or_resumed_with_other_settings(synthetic_prepared, tmp_path):
+    from topoflow.errors import TopoflowError
     from topoflow.train import train
 
-    for model in ("hlf", "inclusive"):
-        train(train_config(synthetic_prepared, tmp_path, model, epochs=3, batch_size=64, learning_rate=0.01),
-              show_progress=False)
-    cfg = Config()
-    cfg.evaluate.data = str(synthetic_prepared)
-    cfg.evaluate.models = [str(tmp_path / "models" / m) for m in ("hlf", "inclusive")]
-    cfg.evaluate.output = str(tmp_path / "report")
-    report = evaluate(cfg)
-    assert set(report.results) == {"hlf", "inclusive"}
-    assert all(r["auc"][c] > 0.6 for r in report.results.values() for c in ("qcd", "ttbar", "wjets"))
-    out = tmp_path / "report"
-    for name in ("report.json", "report.md", "roc_ttbar.png", "confusion_hlf.png", "scores_inclusive.png",
-                 "training_hlf.png"):
-        assert (out / name).stat().st_size > 0, name
-    assert "tt̄" in (out / "report.md").read_text()
+    cfg = train_config(synthetic_prepared, tmp_path, "hlf", epochs=1, batch_size=64)
+    train(cfg, show_progress=False)
+    state = tmp_path / "ckpt" / "hlf" / "state.json"
+    before = state.read_text()
+    with pytest.raises(TopoflowError, match="(?s)a checkpoint of 1 epoch exists .*--resume.*--restart"):
+        train(cfg, show_progress=False)
+    assert state.read_text() == before, "the checkpoint is untouched"
+    other = train_config(synthetic_prepared, tmp_path, "hlf", epochs=1, batch_size=32)
+    other.train.output = str(tmp_path / "elsewhere")  # where it exports may change on resume
+    with pytest.raises(TopoflowError, match=r"other settings: batch_size \(checkpoint: 64, now: 32\)"):
+        train(other, resume=True, show_progress=False)
+    train(cfg, restart=True, show_progress=False)
+    assert json.loads(state.read_text())["epoch"] == 1
+
+
+def test_training_validates_on_the_validation_split_only(synthetic_prepared, tmp_path, monkeypatch):
+    from topoflow import dataset
+    from topoflow.train import train
+
+    streamed = []
+    real = dataset.tf_dataset
+    monkeypatch.setattr(dataset, "tf_dataset", lambda url, *a, **k: streamed.append(url) or real(url, *a, **k))
+    result = train(train_config(synthetic_prepared, tmp_path, "hlf", epochs=1), show_progress=False)
+    assert sorted(u.rsplit("/", 1)[-1] for u in streamed) == ["train", "validation"]
+    card = json.loads((tmp_path / "models" / "hlf" / "model_card.json").read_text())
+    assert "validation" in card["splits"]["validation"] or "val_" in card["splits"]["validation"]
+    assert "evaluate" in card["splits"]["test"] and result.history["val_loss"]

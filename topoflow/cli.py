@@ -52,13 +52,16 @@ examples:
 
 
 _PREPARE_HELP = """\
-Turn an ingested dataset into training and test datasets: undersample every class to the
-smallest (seeded), split 80/20 by a hash of each event (the same event always lands in the same
-split), shuffle the training set, fit the scalers on the training split only (HLF min-max,
-particle features standardised over real particles) and apply them.
+Turn an ingested dataset into training, validation and test datasets: undersample every class
+to the smallest (seeded), split by a hash of each event (the same event always lands in the same
+split): prepare.test_fraction (0.2) for test, prepare.validation_fraction (0.1) of the rest for
+validation, shuffle the training set, fit the scalers on the training split only (HLF min-max,
+particle features standardised over real particles) and apply them. Training validates on
+validation/ only; test/ is left for topoflow evaluate.
 
-Writes <output>/train, <output>/test and <output>/preprocessing.json (the fitted transform that
-training, evaluation and serving load), all published at once; particle lists stay unpadded.
+Writes <output>/train, <output>/validation, <output>/test and <output>/preprocessing.json (the
+fitted transform that training, evaluation and serving load), all published at once; particle
+lists stay unpadded. An existing output is replaced only if topoflow prepare wrote it.
 
 examples:
   topoflow prepare --input out/ingested --output out/prepared
@@ -71,9 +74,10 @@ Train one of the three classifiers of SPEC.md (hlf, gru, inclusive) on a prepare
 streamed from any URL, on CPU or GPU(s), then export it for serving: model.keras, saved_model/,
 model.onnx, preprocessing.json and a model card, in one folder.
 
-Every epoch is checkpointed (checkpoint_dir) and prints `epoch=N loss=… val_auc=…` (the format
-Katib's StdOut collector reads); TensorBoard logs go to <checkpoint_dir>/logs. A killed run
-continues with --resume and reaches the same result.
+Every epoch is checkpointed (checkpoint_dir) and prints `epoch=N loss=… val_auc=…` on a line of
+its own (the format Katib's StdOut collector reads; val_* are on the validation split, never on
+test); TensorBoard logs go to <checkpoint_dir>/logs. A killed run continues with --resume (same
+settings) and reaches the same result; an existing checkpoint is never discarded without --restart.
 
 examples:
   topoflow train --model inclusive --epochs 6
@@ -99,6 +103,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="override one setting, e.g. --set spark.master=local[2] (repeatable)")
     common.add_argument("-v", "--verbose", action="store_true", help="log what happens (INFO level)")
     common.add_argument("--no-progress", action="store_true", help="no progress bars")
+    writes = argparse.ArgumentParser(add_help=False)
+    writes.add_argument("--overwrite", action="store_true",
+                        help="replace the output folder even if another stage or program wrote it (storage.overwrite)")
     spark = argparse.ArgumentParser(add_help=False)
     spark.add_argument("--master", metavar="URL", help="Spark master (spark.master), e.g. local[4] or k8s://…")
 
@@ -116,7 +123,7 @@ def _parser() -> argparse.ArgumentParser:
         return p
 
     gen = stage("generate", "Pythia 8 + fast detector simulation → Delphes-format ROOT files", _GENERATE_HELP,
-                _run_generate)
+                _run_generate, writes)
     gen.add_argument("--events", action="append", default=[], metavar="CLASS=N",
                      help="filtered events of one class (repeatable; generate.events)")
     gen.add_argument("--output", metavar="URL", help="folder for the ROOT files (generate.output)")
@@ -125,28 +132,30 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--validate", action="store_true",
                      help="then plot generated vs real Delphes distributions per class (generate.reference)")
 
-    ing = stage("ingest", "Delphes ROOT files → selected events with features", _INGEST_HELP, _run_ingest, spark)
+    ing = stage("ingest", "Delphes ROOT files → selected events with features", _INGEST_HELP, _run_ingest, writes, spark)
     ing.add_argument("--dataset", action="append", default=[], metavar="CLASS=URL",
                      help="input files of one class (repeat for several globs or classes)")
     ing.add_argument("--output", metavar="URL", help="where to write the Parquet dataset (ingest.output)")
     ing.add_argument("--on-bad-file", choices=("fail", "skip"),
                      help="fail (default): stop before writing; skip: leave the file out and list it")
 
-    prep = stage("prepare", "ingested events → balanced, split, scaled datasets", _PREPARE_HELP, _run_prepare, spark)
+    prep = stage("prepare", "ingested events → balanced, split, scaled datasets", _PREPARE_HELP, _run_prepare, writes, spark)
     prep.add_argument("--input", metavar="URL", help="ingested dataset (prepare.input)")
     prep.add_argument("--output", metavar="URL", help="where to write (prepare.output)")
     prep.add_argument("--from-original", action="store_true",
                       help="input is in the original CERN schema (HLF_input, GRU_input, encoded_label)")
     prep.add_argument("--seed", type=int, help="seed of balancing, split and shuffle (prepare.seed)")
 
-    tr = stage("train", "prepared data → trained, exported classifier", _TRAIN_HELP, _run_train)
+    tr = stage("train", "prepared data → trained, exported classifier", _TRAIN_HELP, _run_train, writes)
     tr.add_argument("--model", choices=("hlf", "gru", "inclusive"), help="which classifier (train.model)")
     tr.add_argument("--data", metavar="URL", help="prepared dataset (train.data)")
     tr.add_argument("--output", metavar="URL", help="export folder (train.output)")
     tr.add_argument("--epochs", type=int, help="train.epochs")
-    tr.add_argument("--resume", action="store_true", help="continue from the last checkpointed epoch")
+    restart = tr.add_mutually_exclusive_group()
+    restart.add_argument("--resume", action="store_true", help="continue from the last checkpointed epoch")
+    restart.add_argument("--restart", action="store_true", help="discard the checkpoint and start afresh")
 
-    ev = stage("evaluate", "trained models → comparative physics report", _EVALUATE_HELP, _run_evaluate)
+    ev = stage("evaluate", "trained models → comparative physics report", _EVALUATE_HELP, _run_evaluate, writes)
     ev.add_argument("--model", dest="models", action="append", metavar="URL",
                     help="exported model folder (repeatable; evaluate.models)")
     ev.add_argument("--data", metavar="URL", help="prepared dataset (evaluate.data)")
@@ -163,6 +172,8 @@ def _flag_overrides(section: str, args, names: tuple[str, ...]) -> list[str]:
     out = [f"{section}.{n}={json.dumps(getattr(args, n))}" for n in names if getattr(args, n, None) is not None]
     if getattr(args, "master", None):
         out.append(f"spark.master={json.dumps(args.master)}")
+    if getattr(args, "overwrite", False):
+        out.append("storage.overwrite=true")
     return out
 
 
@@ -218,7 +229,7 @@ def _run_prepare(config: Config, args) -> None:
 def _run_train(config: Config, args) -> None:
     from topoflow.train import train
 
-    print(train(config, resume=args.resume, show_progress=not args.no_progress).table())
+    print(train(config, resume=args.resume, restart=args.restart, show_progress=not args.no_progress).table())
 
 
 def _run_evaluate(config: Config, args) -> None:
@@ -246,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # py4j logs a traceback on the root logger when Ctrl-C hits a Spark call
+        logging.getLogger().handlers[0].addFilter(lambda record: "py4j" not in record.pathname)
     try:
         overrides = args.overrides + _STAGE_OVERRIDES.get(args.command, lambda a: [])(args)
         args.run(load_config(args.config, overrides), args)
@@ -253,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if "pyspark" in sys.modules:
+            from topoflow.spark import stop_active
+
+            stop_active()
         print("interrupted: no output was committed", file=sys.stderr)
         return 130
     return 0

@@ -6,9 +6,11 @@ defined twice. Loading has no side effects: nothing is read from the environment
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
@@ -54,17 +56,30 @@ class StorageConfig(_Section):
     s3_region: str | None = None
     timeout_s: int = Field(30, ge=1, description="connect/read time-out for XRootD and S3 operations")
     retries: int = Field(2, ge=0, description="retries of a failed network operation")
+    overwrite: bool = Field(False, description="let a stage replace an output folder that is not an earlier "
+                            "output of that stage (never one holding its inputs or the working directory)")
+
+    _ENV: ClassVar[dict[str, tuple[str, ...]]] = {  # where an unset setting comes from, first found wins
+        "s3_endpoint_url": ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"),
+        "s3_access_key_id": ("AWS_ACCESS_KEY_ID",),
+        "s3_secret_access_key": ("AWS_SECRET_ACCESS_KEY",),
+    }
+
+    def env_source(self, name: str) -> str | None:
+        """The environment variable that supplies setting ``name``, because the config leaves it unset."""
+        if getattr(self, name):
+            return None
+        return next((var for var in self._ENV.get(name, ()) if os.environ.get(var)), None)
+
+    def _resolved(self, name: str) -> str | None:
+        if var := self.env_source(name):
+            return os.environ[var]
+        value = getattr(self, name)
+        return value.get_secret_value() if isinstance(value, SecretStr) else value
 
     def s3_options(self) -> dict[str, Any]:
         """fsspec/s3fs keyword arguments; secrets are resolved here, never stored elsewhere."""
-        env = os.environ
-        key = self.s3_access_key_id.get_secret_value() if self.s3_access_key_id else env.get("AWS_ACCESS_KEY_ID")
-        secret = (
-            self.s3_secret_access_key.get_secret_value()
-            if self.s3_secret_access_key
-            else env.get("AWS_SECRET_ACCESS_KEY")
-        )
-        endpoint = self.s3_endpoint_url or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+        key, secret, endpoint = map(self._resolved, ("s3_access_key_id", "s3_secret_access_key", "s3_endpoint_url"))
         opts: dict[str, Any] = {
             "config_kwargs": {
                 "connect_timeout": self.timeout_s,
@@ -140,7 +155,9 @@ class PrepareConfig(_Section):
     output: str = Field("out/prepared", description="URL of the training/test datasets to write")
     from_original: bool = Field(False, description="input has HLF_input, GRU_input (801×19 padded), encoded_label")
     seed: int = Field(42, description="seeds balancing, the split and the shuffle")
-    test_fraction: float = Field(0.2, gt=0, lt=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="share of events held out for evaluate")
+    validation_fraction: float = Field(0.1, gt=0, lt=1, description="share of the non-test events held out "
+                                       "to validate each training epoch (and to tune on)")
     balance: bool = Field(True, description="undersample every class to the smallest one")
     row_group_size: int = Field(1_000, ge=1, description="events per Parquet row group (bounds reader memory)")
 
@@ -192,35 +209,112 @@ class Config(_Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
     def to_yaml(self) -> str:
-        """The effective configuration as YAML (secrets masked)."""
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The effective configuration as YAML: secrets masked, settings taken from the environment say so."""
+        data = self.model_dump(mode="json")
+        for name in StorageConfig._ENV:
+            if var := self.storage.env_source(name):
+                data["storage"][name] = f"<from environment {var}>"
+        return yaml.safe_dump(data, sort_keys=False)
+
+
+# (section, field) of every secret; a secret is taken as written and never shown, whatever its shape
+_SECRETS = frozenset(
+    (section, name)
+    for section, field in Config.model_fields.items()
+    for name, f in field.annotation.model_fields.items()
+    if SecretStr in (f.annotation, *get_args(f.annotation))
+)
+_STR_TAG, _NULL_TAG = "tag:yaml.org,2002:str", "tag:yaml.org,2002:null"
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read YAML ``path`` (optional), apply ``section.key=value`` overrides (values parsed as YAML)."""
+    """Read YAML ``path`` (optional), apply ``section.key=value`` overrides (values read as YAML, secrets as
+    written), validate. Errors name the setting and the fix, and never show a secret (hence ``from None``:
+    yaml's and pydantic's own messages quote the input)."""
     data: dict[str, Any] = {}
     if path is not None:
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
+            data = _parse_yaml(Path(path).read_text()) or {}
         except FileNotFoundError as e:
             raise ConfigError(f"config file not found: {str(path)!r}\ncreate it or drop --config") from e
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file is not valid YAML: {e}\nin file {path}") from e
+        except (yaml.YAMLError, ValueError) as e:
+            raise ConfigError(f"config file is not valid YAML: {_yaml_problem(e)}\nin file {path}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file must hold a mapping, not {type(data).__name__}\nin file {path}")
     for item in overrides or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} is not of the form section.key=value")
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is not a section")
-        node[leaf] = yaml.safe_load(raw) if raw else raw
+        _override(data, item)
     try:
         return Config.model_validate(data)
     except ValidationError as e:
         where = f" in file {path}" if path else ""
-        raise ConfigError(f"invalid configuration{where}:\n{e}") from e
+        raise ConfigError(f"invalid configuration{where}:\n" + "\n".join(map(_describe, e.errors()))) from None
+
+
+def _parse_yaml(text: str) -> Any:
+    """``yaml.safe_load``, but a scalar secret is kept as written: YAML would read 0123 as 83, 1e3 as 1000.0."""
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        for section, name in _SECRETS:
+            for node in (n for s in _values(root, section) for n in _values(s, name)):
+                if isinstance(node, yaml.ScalarNode) and node.tag != _NULL_TAG:
+                    node.tag = _STR_TAG
+        return loader.construct_document(root) if root else None
+    finally:
+        loader.dispose()
+
+
+def _values(node: yaml.Node | None, key: str) -> list[yaml.Node]:
+    """The value nodes of ``key`` in a mapping node."""
+    if not isinstance(node, yaml.MappingNode):
+        return []
+    return [v for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == key]
+
+
+def _yaml_problem(e: Exception) -> str:
+    """Where and what is wrong, without yaml's snippet of the line, and with names yaml quotes from the text
+    (an alias, a tag) masked: a secret may be there. Token names ('<stream end>') and single signs stay."""
+    problem = getattr(e, "problem", None) or str(e)
+    problem = re.sub(r"""(['"])(.*?)\1""", lambda q: q[0] if re.fullmatch(r"<[\w ]*>|\W?", q[2]) else "'…'", problem)
+    mark = getattr(e, "problem_mark", None)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
+
+
+def _override(data: dict[str, Any], item: str) -> None:
+    """Apply one ``section.key=value`` to ``data``; the value is never echoed (the key may be a mistyped secret)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        shown = re.match(r"[\w.]*", item)[0]  # not the rest: it may be a secret after a mistyped '='
+        raise ConfigError(f"--set {shown}…: expected section.key=value, e.g. --set train.epochs=3")
+    *parents, leaf = path = tuple(key.split("."))
+    if path in _SECRETS or not raw:
+        value: Any = raw
+    else:
+        try:
+            value = yaml.safe_load(raw)
+        except (yaml.YAMLError, ValueError):
+            raise ConfigError(
+                f"--set {key}: the value is not valid YAML\nquote it to give text (--set '{key}=\"...\"'), or give "
+                "a plain number, true/false, a list [1, 2] or a mapping {a: 1}") from None
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {part} is not a section")
+    node[leaf] = value
+
+
+def _describe(error: dict[str, Any]) -> str:
+    """One line per validation error: the setting, what is wrong and the bad value (never a secret's)."""
+    loc = error["loc"]
+    name = ".".join(map(str, loc))
+    if error["type"] == "extra_forbidden":
+        model: Any = Config
+        for part in loc[:-1]:
+            model = model.model_fields[part].annotation
+        close = difflib.get_close_matches(str(loc[-1]), model.model_fields, n=1)
+        fix = f"did you mean {'.'.join((*loc[:-1], *close))}?" if close else "`topoflow config` lists them all"
+        return f"  unknown setting {name}; {fix}"
+    secret = any(s[: len(loc)] == loc or loc[: len(s)] == s for s in _SECRETS)
+    shown = "a secret: value not shown" if secret else f"got {error['input']!r}"
+    return f"  {name}: {error['msg']} ({shown})"

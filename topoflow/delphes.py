@@ -117,12 +117,10 @@ def probe(url: str, cfg: StorageConfig, muon_collection: str = "auto") -> FileIn
     if missing:
         hints = {m: difflib.get_close_matches(m, names, n=3) for m in missing}
         hint = "; ".join(f"{m}: closest {h!r}" if h else m for m, h in hints.items())
-        raise BadInputError(
-            url,
-            f"missing branch(es) in tree {TREE!r}: {hint}",
-            "topoflow needs the Delphes collections listed in SPEC.md; "
-            "for the muons set ingest.muon_collection (Muon or MuonTight)",
-        )
+        fix = "topoflow needs the Delphes collections listed in SPEC.md: write them in the Delphes card's output"
+        if any(m.startswith(("Muon.", "MuonTight.")) for m in missing):
+            fix += "; for the muons set ingest.muon_collection (Muon or MuonTight)"
+        raise BadInputError(url, f"missing branch(es) in tree {TREE!r}: {hint}", fix)
     return FileInfo(url=url, entries=entries, muon=muon, track_charge=charge)
 
 

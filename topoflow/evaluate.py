@@ -2,7 +2,8 @@
 trigger. Per class (one against the rest): ROC AUC; for the signals tt̄ and W+jets the efficiency
 at 1 % and 10 % false-positive rate; and, as Nguyen et al. highlight, the false-positive rate left
 at 99 % signal efficiency. Plus accuracy and the confusion matrix, as PNG plots and a JSON and
-Markdown report that compares every model given.
+Markdown report that compares every model given. Every AUC carries its bootstrap uncertainty, and a
+class with too few test events is called out: a test split of a few dozen events decides little.
 """
 
 from __future__ import annotations
@@ -16,11 +17,23 @@ import numpy as np
 
 from topoflow import CLASS_TITLES, CLASSES, dataset, storage
 from topoflow.config import Config
-from topoflow.errors import BadInputError
+from topoflow.errors import BadInputError, ConfigError
+from topoflow.export import CARD
+from topoflow.preprocessing import FILE_NAME, Preprocessing
 
 SIGNALS = ("ttbar", "wjets")
 FPR_POINTS = (0.01, 0.10)
 EFFICIENCY = 0.99
+MIN_TEST_EVENTS = 100  # below this, an efficiency's binomial error reaches 5 %
+RESAMPLES = 200  # bootstrap resamples per AUC uncertainty
+MODEL_FILE = "model.keras"
+RE_EXPORT = "re-export the model with topoflow train"
+MODEL_FILES = {  # what an exported model folder must hold: file -> (problem when missing, fix)
+    MODEL_FILE: (f"no {MODEL_FILE}: no such folder, or not an exported model",
+                 "point --model at a folder written by topoflow train"),
+    f"{CARD}.json": (f"no {CARD}.json: not a folder written by topoflow train", RE_EXPORT),
+    FILE_NAME: (f"no {FILE_NAME}: the transform the model was trained with is unknown", RE_EXPORT),
+}
 
 
 def roc_curve(is_signal: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -32,22 +45,53 @@ def roc_curve(is_signal: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.
     return np.r_[0.0, fps / max(fps[-1], 1)], np.r_[0.0, tps / max(tps[-1], 1)]
 
 
+def auc_std(is_signal: np.ndarray, score: np.ndarray, resamples: int = RESAMPLES, seed: int = 0) -> float:
+    """The ROC AUC's standard deviation over bootstrap resamples (signal and background each drawn
+    with replacement, so every resample has both). A resample only changes how often each distinct
+    score occurs, so its AUC comes from counts per score, ranked once: Σ signal × (background below
+    + half the ties). Resamples go in batches of a few million draws, bounding memory."""
+    _, rank = np.unique(score, return_inverse=True)
+    n_ranks, rng, aucs = rank.max() + 1, np.random.default_rng(seed), []
+    signal, background = rank[is_signal], rank[~is_signal]
+    batch = max(1, 2**21 // len(score))
+
+    def counts(ranks: np.ndarray, b: int) -> np.ndarray:  # (b, n_ranks): how often each score was drawn
+        drawn = ranks[rng.integers(0, len(ranks), (b, len(ranks)))] + n_ranks * np.arange(b)[:, None]
+        return np.bincount(drawn.ravel(), minlength=b * n_ranks).reshape(b, n_ranks)
+
+    for start in range(0, resamples, batch):
+        b = min(batch, resamples - start)
+        s, bg = counts(signal, b), counts(background, b)
+        pairs = np.einsum("ij,ij->i", s, np.cumsum(bg, axis=1)) - np.einsum("ij,ij->i", s, bg) / 2
+        aucs.append(pairs / (len(signal) * len(background)))
+    return float(np.concatenate(aucs).std())
+
+
+def cautions(events_per_class: dict[str, int]) -> list[str]:
+    """Classes whose test events are too few for their numbers to mean much."""
+    return [f"caution: only {n} {CLASS_TITLES[c]} ({c}) events in the test split (fewer than {MIN_TEST_EVENTS}): "
+            "its AUC and efficiencies are statistically weak"
+            for c, n in events_per_class.items() if n < MIN_TEST_EVENTS]
+
+
 def metrics(y_true: np.ndarray, prob: np.ndarray) -> dict:
     """All numbers of the report for one model: ``y_true`` class indices, ``prob`` (n, 3)."""
     pred = prob.argmax(axis=1)
     confusion = np.zeros((3, 3), dtype=np.int64)
     np.add.at(confusion, (y_true, pred), 1)
-    out = {"events": int(len(y_true)), "accuracy": float((pred == y_true).mean()),
-           "confusion": confusion.tolist(), "auc": {}, "trigger": {}}
+    per_class = {c: int(n) for c, n in zip(CLASSES, confusion.sum(axis=1))}
+    out = {"events": int(len(y_true)), "events_per_class": per_class, "cautions": cautions(per_class),
+           "accuracy": float((pred == y_true).mean()), "confusion": confusion.tolist(), "auc": {}, "auc_std": {},
+           "trigger": {}}
     for k, c in enumerate(CLASSES):
-        n_signal = int((y_true == k).sum())
-        if n_signal in (0, len(y_true)):  # a ROC needs both signal and background
-            out["auc"][c] = None
+        if per_class[c] in (0, len(y_true)):  # a ROC needs both signal and background
+            out["auc"][c] = out["auc_std"][c] = None
             if c in SIGNALS:
                 out["trigger"][c] = None
             continue
         fpr, tpr = roc_curve(y_true == k, prob[:, k])
         out["auc"][c] = float(np.trapezoid(tpr, fpr))
+        out["auc_std"][c] = auc_std(y_true == k, prob[:, k])
         if c in SIGNALS:
             fpr_99 = float(np.interp(EFFICIENCY, tpr, fpr))
             out["trigger"][c] = {
@@ -58,21 +102,48 @@ def metrics(y_true: np.ndarray, prob: np.ndarray) -> dict:
     return out
 
 
-def predict(model_url: str, data_url: str, cfg: Config) -> tuple[np.ndarray, np.ndarray, dict, object]:
-    """Labels and probabilities on the test split of ``data_url`` for the exported model."""
+def load_model(url: str, cfg: Config) -> tuple[object, dict, Preprocessing]:
+    """The Keras model, model card and preprocessing of an exported model folder, so that a wrong or
+    damaged folder is one clear error naming ``url``. Keras' safe mode stays on: no code stored in
+    the file runs."""
     from topoflow.tf import import_tensorflow
 
     import_tensorflow()
     import keras
 
-    fs, path = storage.filesystem(model_url, cfg.storage)
-    with storage.storage_errors(model_url):
-        if not fs.exists(storage.join(path, "model.keras")):
-            raise BadInputError(model_url, "no model.keras here", "point at a folder written by topoflow train")
-        card = json.loads(fs.cat(storage.join(path, "model_card.json")))
+    fs, path = storage.filesystem(url, cfg.storage)
+    with storage.storage_errors(url):
+        for name, (problem, fix) in MODEL_FILES.items():
+            if not fs.exists(storage.join(path, name)):
+                raise BadInputError(url, problem, fix)
+        try:
+            card = json.loads(fs.cat(storage.join(path, f"{CARD}.json")))
+        except ValueError as e:
+            raise BadInputError(storage.join(url, f"{CARD}.json"), f"unreadable model card: {e}", RE_EXPORT) from e
+        pre = Preprocessing.from_json(fs.cat(storage.join(path, FILE_NAME)).decode(), storage.join(url, FILE_NAME))
         with tempfile.TemporaryDirectory() as tmp:
-            fs.get(storage.join(path, "model.keras"), f"{tmp}/model.keras")
-            model = keras.saving.load_model(f"{tmp}/model.keras")
+            fs.get(storage.join(path, MODEL_FILE), f"{tmp}/{MODEL_FILE}")
+            try:
+                model = keras.saving.load_model(f"{tmp}/{MODEL_FILE}")
+            except Exception as e:  # Keras raises many types for a damaged file; its messages name our temp copy
+                raise BadInputError(storage.join(url, MODEL_FILE), f"Keras cannot load {MODEL_FILE} "
+                                    f"({type(e).__name__}): the file is truncated, corrupt or not a Keras model",
+                                    f"{RE_EXPORT}, or copy the whole folder again") from e
+    return model, card, pre
+
+
+def predict(model_url: str, data_url: str, cfg: Config) -> tuple[np.ndarray, np.ndarray, dict, object]:
+    """Labels and probabilities on the test split of ``data_url`` for the exported model, which must
+    have been trained on data prepared with the same transform (else its inputs are mis-scaled and
+    its numbers meaningless)."""
+    model, card, pre = load_model(model_url, cfg)
+    ours, theirs = pre.fingerprint(), Preprocessing.load(data_url, cfg.storage).fingerprint()
+    if ours != theirs:
+        raise BadInputError(model_url, f"this model was trained with preprocessing {ours}, but the dataset "
+                            f"{data_url} was prepared with preprocessing {theirs}: its features would be scaled "
+                            "differently from what the model learnt",
+                            f"evaluate on the dataset the model was trained on ({card['data']}), "
+                            f"or retrain on this one (topoflow train --data {data_url})")
     labels, probs = [], []
     for x, y in dataset.iter_batches(storage.join(data_url, "test"), cfg.storage, cfg.evaluate.batch_size,
                                      inputs=tuple(card["inputs"])):
@@ -87,19 +158,22 @@ class Report:
     results: dict[str, dict]
 
     def table(self) -> str:
-        head = f"{'model':<12}{'accuracy':>9}" + "".join(f"{'AUC ' + c:>11}" for c in CLASSES)
+        head = f"{'model':<12}{'accuracy':>9}" + "".join(f"{'AUC ' + c:>18}" for c in CLASSES)
         head += "".join(f"{'FPR@99% ' + c:>15}" for c in SIGNALS)
         lines = [head]
         for name, r in self.results.items():
-            lines.append(f"{name:<12}{r['accuracy']:>9.4f}" + "".join(f"{_num(r['auc'][c]):>11}" for c in CLASSES)
+            lines.append(f"{name:<12}{r['accuracy']:>9.4f}" + "".join(f"{_auc(r, c):>18}" for c in CLASSES)
                          + "".join(f"{_num(r['trigger'][c] and r['trigger'][c]['fpr_at_99pct_efficiency']):>15}"
                                    for c in SIGNALS))
-        return "\n".join(lines + [f"report: {self.output}"])
+        return "\n".join(lines + _cautions(self.results) + [f"report: {self.output}"])
 
 
 def evaluate(cfg: Config) -> Report:
     """Evaluate every model in ``cfg.evaluate.models`` and write one comparative report."""
     ec = cfg.evaluate
+    if not ec.models:
+        raise ConfigError("no models to evaluate: pass --model FOLDER (repeatable) or set evaluate.models")
+    storage.check_output(ec.output, "evaluate", cfg.storage, inputs=[ec.data, *ec.models])
     results, curves = {}, {}
     with tempfile.TemporaryDirectory(prefix="topoflow-report-") as tmp:
         folder = Path(tmp)
@@ -112,7 +186,7 @@ def evaluate(cfg: Config) -> Report:
 
         plots.report_plots(folder, results, curves)
         (folder / "report.json").write_text(json.dumps(results, indent=2, sort_keys=True))
-        (folder / "report.md").write_text(markdown(results))
+        (folder / "report.md").write_text(markdown(results, ec.data))
         storage.publish_folder(str(folder), ec.output, cfg.storage, {"stage": "evaluate", "models": list(results)})
     return Report(ec.output, results)
 
@@ -122,13 +196,28 @@ def _num(value) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def markdown(results: dict[str, dict]) -> str:
-    lines = ["# topoflow evaluation", "", "## ROC AUC (one class against the rest) and accuracy", "",
+def _auc(r: dict, c: str) -> str:
+    return "n/a" if r["auc"][c] is None else f"{r['auc'][c]:.4f} ± {r['auc_std'][c]:.4f}"
+
+
+def _cautions(results: dict[str, dict]) -> list[str]:
+    """The cautions of all models, once each (they share the test split)."""
+    return list(dict.fromkeys(line for r in results.values() for line in r["cautions"]))
+
+
+def markdown(results: dict[str, dict], data: str) -> str:
+    first = next(iter(results.values()))
+    counts = ", ".join(f"{CLASS_TITLES[c]} {n:,}" for c, n in first["events_per_class"].items())
+    lines = ["# topoflow evaluation", "",
+             f"All numbers are on the test split of `{data}` ({first['events']:,} events: {counts}), which no "
+             f"model saw in training. AUC ± its standard deviation over {RESAMPLES} bootstrap resamples.",
+             *(f"- **{line}**" for line in _cautions(results)), "",
+             "## ROC AUC (one class against the rest) and accuracy", "",
              "| model | events | accuracy | " + " | ".join(CLASS_TITLES[c] for c in CLASSES) + " |",
              "|---|---:|---:|" + "---:|" * len(CLASSES)]
     for name, r in results.items():
         lines.append(f"| {name} | {r['events']:,} | {r['accuracy']:.4f} | "
-                     + " | ".join(_num(r["auc"][c]) for c in CLASSES) + " |")
+                     + " | ".join(_auc(r, c) for c in CLASSES) + " |")
     lines += ["", "## Trigger view", "",
               "| model | signal | eff. @ 1 % FPR | eff. @ 10 % FPR | FPR @ 99 % eff. | rejection @ 99 % eff. |",
               "|---|---|---:|---:|---:|---:|"]

@@ -50,6 +50,8 @@ def model_card(model, pre: Preprocessing, cfg: Config, history: dict) -> dict:
         "data": tc.data,
         "training": tc.model_dump(mode="json"),
         "final_metrics": {k: v[-1] for k, v in history.items() if v},
+        "splits": {"train": "fits the weights; metrics without a prefix", "validation": "val_* metrics, every epoch",
+                   "test": "not seen in training: its numbers come from topoflow evaluate"},
         "history": history,
         "preprocessing": {"file": FILE_NAME, "version": json.loads(pre.to_json())["version"],
                           "fitted_on": pre.fitted_on},
@@ -74,4 +76,7 @@ def card_markdown(card: dict) -> str:
 | metric (last epoch) | value |
 |---|---:|
 {metrics}
+
+Metrics without a prefix are on the `train` split, `val_*` on the `validation` split; the `test`
+split is never seen in training: `topoflow evaluate` reports on it.
 """

@@ -60,12 +60,16 @@ def ingest(cfg: Config, spark=None, show_progress: bool = True) -> IngestSummary
             "or pass --dataset ttbar='/data/tt/*.root' (once per class)"
         )
     t0 = time.monotonic()
+    # Checks that need no Spark come first: a typo'd glob or a read-only output fails in a second.
+    storage.check_output(ic.output, "ingest", sc, inputs=[p for ps in ic.datasets.values() for p in ps])
+    urls = [(u, CLASSES.index(c)) for c, patterns in ic.datasets.items() for p in patterns
+            for u in storage.expand(p, sc)]
     if spark is None:
         from topoflow.spark import session
 
         spark = session(cfg.spark)
     spark.sparkContext.setJobGroup(_JOB_GROUP, f"ingest → {ic.output}")
-    infos, skipped = _probe_all(cfg, spark, show_progress)
+    infos, skipped = _probe_all(urls, cfg, spark, show_progress)
     if not infos:
         raise BadInputError(", ".join(s["file"] for s in skipped) or "(none)", "no readable input file left",
                             "fix the inputs listed above")
@@ -106,12 +110,11 @@ def ingest(cfg: Config, spark=None, show_progress: bool = True) -> IngestSummary
     return IngestSummary(ic.output, events_read, manifest["rows_per_class"], skipped, time.monotonic() - t0)
 
 
-def _probe_all(cfg: Config, spark, show_progress: bool) -> tuple[list[tuple[delphes.FileInfo, int]], list[dict]]:
-    """Expand every dataset and open each file once, as a Spark job: at CERN scale (thousands of
-    files, each open parsing a ~600-branch TTree) the driver alone would take minutes."""
+def _probe_all(urls: list[tuple[str, int]], cfg: Config, spark,
+               show_progress: bool) -> tuple[list[tuple[delphes.FileInfo, int]], list[dict]]:
+    """Open each (file, label) once, as a Spark job: at CERN scale (thousands of files, each open
+    parsing a ~600-branch TTree) the driver alone would take minutes."""
     ic, storage_cfg = cfg.ingest, cfg.storage
-    urls = [(u, CLASSES.index(c)) for c, patterns in ic.datasets.items() for p in patterns
-            for u in storage.expand(p, storage_cfg)]
     muon = ic.muon_collection
 
     def probe(item):

@@ -10,14 +10,21 @@ import numpy as np
 from topoflow import CLASS_TITLES, CLASSES
 
 
+def roc_xlim(y: np.ndarray, k: int) -> tuple[float, float]:
+    """The ROC's log x-axis starts at one background event: no smaller false-positive rate is measured."""
+    return 1 / max(int((y != k).sum()), 1), 1.0
+
+
 def report_plots(folder: Path, results: dict[str, dict], curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     from topoflow.evaluate import roc_curve
 
+    y_test = next(iter(curves.values()))[0]  # every model saw the same test split
     for k, c in enumerate(CLASSES):
         fig, ax = plt.subplots(figsize=(6, 5))
         for name, (y, prob) in curves.items():
@@ -25,8 +32,10 @@ def report_plots(folder: Path, results: dict[str, dict], curves: dict[str, tuple
                 continue
             fpr, tpr = roc_curve(y == k, prob[:, k])
             ax.plot(fpr, tpr, label=f"{name} (AUC {results[name]['auc'][c]:.4f})")
-        ax.plot([0, 1], [0, 1], ls=":", color="grey", label="chance")
-        ax.set(xscale="log", xlim=(1e-4, 1), ylim=(0, 1.01), xlabel="false-positive rate (background efficiency)",
+        xlim = roc_xlim(y_test, k)
+        chance = np.geomspace(*xlim, 200)  # sampled densely so that the diagonal bends on the log axis
+        ax.plot(chance, chance, ls=":", color="grey", label="chance")
+        ax.set(xscale="log", xlim=xlim, ylim=(0, 1.01), xlabel="false-positive rate (background efficiency)",
                ylabel=f"{CLASS_TITLES[c]} efficiency", title=f"{CLASS_TITLES[c]} selector: {CLASS_TITLES[c]} vs the rest")
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right")
@@ -68,6 +77,7 @@ def report_plots(folder: Path, results: dict[str, dict], curves: dict[str, tuple
                         ax.plot(range(1, len(history[key]) + 1), history[key], marker="o",
                                 label="validation" if key.startswith("val_") else "training")
                 ax.set(xlabel="epoch", ylabel=metric)
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
                 ax.legend()
             fig.suptitle(f"{name}: training curves")
             _save(fig, folder / f"training_{name}.png")

@@ -1,7 +1,7 @@
-"""The preparation stage: an ingested dataset → balanced, split, shuffled and scaled training and
-test datasets, plus the fitted preprocessing artifact, published together:
+"""The preparation stage: an ingested dataset → balanced, split, shuffled and scaled training,
+validation and test datasets, plus the fitted preprocessing artifact, published together:
 
-    <output>/train/   <output>/test/   <output>/preprocessing.json   <output>/_manifest.json
+    <output>/train/   <output>/validation/   <output>/test/   <output>/preprocessing.json   <output>/_manifest.json
 
 Every random choice is a hash of the event's identity (source file, entry, HLF) and the seed, so
 that the same event always lands in the same split and a re-run gives the same datasets.
@@ -35,6 +35,9 @@ _INGESTED = {"label": "int", "hlf": "array<float>", "particles": "array<array<fl
 _ORIGINAL = {"HLF_input": "array<double>", "GRU_input": "array<array<double>>", "encoded_label": "array<double>"}
 _UNIT = 1_000_000  # hash → uniform number in [0, 1) with this resolution
 _JOB_GROUP = "topoflow-prepare"
+SPLITS = ("train", "validation", "test")
+"""train fits the scalers and the weights, validation judges each epoch (and tuning), test is
+left for ``topoflow evaluate`` alone."""
 
 
 @dataclass
@@ -44,9 +47,9 @@ class PrepareSummary:
     seconds: float
 
     def table(self) -> str:
-        lines = [f"{'class':<8}{'train':>10}{'test':>10}"]
+        lines = [f"{'class':<8}" + "".join(f"{s:>12}" for s in SPLITS)]
         for c in CLASSES:
-            lines.append(f"{c:<8}{self.counts['train'].get(c, 0):>10,}{self.counts['test'].get(c, 0):>10,}")
+            lines.append(f"{c:<8}" + "".join(f"{self.counts[s].get(c, 0):>12,}" for s in SPLITS))
         lines.append(f"written to {self.output} in {self.seconds:.1f} s")
         return "\n".join(lines)
 
@@ -57,6 +60,10 @@ def prepare(cfg: Config, spark=None, show_progress: bool = True) -> PrepareSumma
 
     pc, sc = cfg.prepare, cfg.storage
     t0 = time.monotonic()
+    if not storage.expand(pc.input, sc, missing_ok=True):
+        raise BadInputError(pc.input, "the input dataset does not exist",
+                            "check the path, or run topoflow ingest to write it")
+    storage.check_output(pc.output, "prepare", sc, inputs=[pc.input])
     if spark is None:
         from topoflow.spark import session
 
@@ -79,17 +86,22 @@ def prepare(cfg: Config, spark=None, show_progress: bool = True) -> PrepareSumma
         fraction = F.create_map(*[x for k, v in keep.items() for x in (F.lit(k), F.lit(v))])
         u = lambda salt: F.pmod(F.xxhash64(key, F.lit(salt)), F.lit(_UNIT)) / _UNIT  # noqa: E731
         df = df.where(u("balance") < fraction[F.col("label")])
-        is_test = u("split") < pc.test_fraction
-        train = df.where(~is_test).orderBy(u("shuffle"))
-        test = df.where(is_test)
+        # One uniform number per event picks its split: [0, test) test, then validation, the rest
+        # train; the test split stays the same whatever validation_fraction is.
+        split = u("split")
+        is_val = split < pc.test_fraction + pc.validation_fraction * (1 - pc.test_fraction)
+        splits = {"train": df.where(~is_val).orderBy(u("shuffle")),
+                  "validation": df.where(is_val & (split >= pc.test_fraction)),
+                  "test": df.where(split < pc.test_fraction)}
 
+        train = splits["train"]
         with spark_progress(spark, "fitting scalers", train.rdd.getNumPartitions(), 1, "passes", show_progress):
             moments = [json.loads(r["stats"]) for r in train.mapInArrow(_moments, "stats string").collect()]
         pre = _fit(moments, pc.input)
         out_fs, staging, staging_path = storage.new_staging(pc.output, sc)
         apply = _scaler(pre.to_json())
         try:
-            for name, part in (("train", train), ("test", test)):
+            for name, part in splits.items():
                 (part.mapInArrow(apply, _spark_schema(spark, prepared=True)).write.format("fsparquet")
                  .mode("overwrite").options(**options).option("row_group_size", pc.row_group_size)
                  .option("meta", json.dumps({"stage": "prepare", "split": name}))
@@ -100,7 +112,7 @@ def prepare(cfg: Config, spark=None, show_progress: bool = True) -> PrepareSumma
     except Exception as e:
         raise job_error(e) from e
     split_counts = {name: storage.read_manifest(storage.join(staging, name), sc)["rows_per_class"]
-                    for name in ("train", "test")}
+                    for name in SPLITS}
     out_fs.pipe(storage.join(staging_path, FILE_NAME), pre.to_json().encode())
     manifest = {
         "schema_version": SCHEMA_VERSION, "topoflow_version": __version__, "stage": "prepare",

@@ -7,6 +7,7 @@ and standard deviations over real particles only (padding never enters the stati
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -87,6 +88,13 @@ class Preprocessing:
                           "std": self.particle_std.tolist(), "padding": "zero rows appended at the end, masked"},
             "fitted_on": self.fitted_on,
         }, indent=2, sort_keys=True)
+
+    def fingerprint(self) -> str:
+        """A short sha256 of what the transform does (format, version, fitted parameters), not of where
+        it was fitted: a model matches any copy of the dataset it was trained on, and no other."""
+        artifact = json.loads(self.to_json())
+        del artifact["fitted_on"]
+        return hashlib.sha256(json.dumps(artifact, sort_keys=True).encode()).hexdigest()[:16]
 
     @classmethod
     def from_json(cls, text: str, where: str = "preprocessing artifact") -> Preprocessing:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from topoflow.config import SparkConfig
@@ -43,13 +46,37 @@ def session(cfg: SparkConfig):
     settings.update(cfg.settings())
     for key, value in settings.items():
         builder = builder.config(key, value)
-    spark = builder.getOrCreate()
+    spark = _keeping_sigint(builder.getOrCreate)
     spark.sparkContext.setLogLevel("ERROR")
     from topoflow.datasource import register
 
     register(spark)
     log.info("Spark %s, master %s", spark.version, cfg.master)
     return spark
+
+
+def _keeping_sigint(create):
+    """Call ``create`` but keep the SIGINT handler: PySpark's own cancels jobs *inside* the signal
+    handler, re-entering the py4j call in progress, and prints tracebacks over a plain Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        return create()
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        return create()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def stop_active() -> None:
+    """After Ctrl-C or SIGTERM: cancel this process's Spark jobs and stop its session, so that the
+    JVM (still running the interrupted job) does not outlive the command."""
+    from pyspark import SparkContext
+
+    sc = SparkContext._active_spark_context
+    if sc is not None:
+        with contextlib.suppress(Exception):
+            sc.cancelAllJobs()
+            sc.stop()
 
 
 _REMOTE_ERROR = re.compile(r"topoflow\.errors\.(\w+): (.*?)(?:\n\s*\n|\n\tat |\Z)", re.S)

@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 import os
 import socket
+import tempfile
 import uuid
 from contextlib import contextmanager
-from typing import Any, Iterator
+from pathlib import Path
+from typing import Any, Iterable, Iterator
 from urllib.parse import urlsplit
 
 import fsspec
@@ -80,6 +82,36 @@ def check_reachable(url: str, cfg: StorageConfig) -> None:
             f"for URL {url}\n"
             "check the host and port, that the server runs, and that this machine may connect to it"
         ) from e
+    if proto == "s3":
+        _check_speaks_s3(endpoint, url, min(cfg.timeout_s, 10))
+
+
+_S3_ENDPOINTS: set[str] = set()  # endpoints seen answering as S3 in this process
+
+
+def _check_speaks_s3(endpoint: str, url: str, timeout: float) -> None:
+    """An endpoint that answers but is no S3 service lists no files, which reads as "no file
+    matches": ask it once. Every S3 service (AWS, SeaweedFS, MinIO, Ceph) answers an anonymous
+    ``GET /`` with x-amz-* headers or an XML document, even when it refuses."""
+    import urllib.error
+    import urllib.request
+
+    if endpoint in _S3_ENDPOINTS:
+        return
+    try:
+        response = urllib.request.urlopen(endpoint.rstrip("/") + "/", timeout=timeout)
+    except urllib.error.HTTPError as e:
+        response = e
+    except OSError as e:
+        raise StorageError(f"the S3 endpoint {endpoint} does not answer HTTP: {e}\nfor URL {url}\n"
+                           "check storage.s3_endpoint_url (or AWS_ENDPOINT_URL): scheme, host and port") from e
+    with response:
+        headers = {k.lower(): v for k, v in response.headers.items()}
+    if not any(k.startswith("x-amz-") for k in headers) and "xml" not in headers.get("content-type", ""):
+        server = headers.get("server", "unknown server")
+        raise StorageError(f"the endpoint {endpoint} answers HTTP but is not an S3 service ({server})\n"
+                           f"for URL {url}\ncheck storage.s3_endpoint_url (or AWS_ENDPOINT_URL): host and port")
+    _S3_ENDPOINTS.add(endpoint)
 
 
 @contextmanager
@@ -99,8 +131,14 @@ def storage_errors(url: str) -> Iterator[None]:
     except (TimeoutError, ConnectionError) as e:
         raise StorageError(f"storage did not answer in time: {e}\nfor URL {url}\ncheck the endpoint") from e
     except OSError as e:
-        if type(e).__name__ in ("ClientError", "NoCredentialsError", "EndpointConnectionError"):
+        if type(e).__name__ in ("ClientError", "EndpointConnectionError"):
             raise StorageError(f"S3 request failed: {e}\nfor URL {url}\ncheck endpoint and credentials") from e
+        raise
+    except Exception as e:
+        if type(e).__name__ == "NoCredentialsError":  # botocore's, not an OSError
+            raise StorageError(f"no S3 credentials for URL {url}\n"
+                               "set storage.s3_access_key_id and storage.s3_secret_access_key "
+                               "(or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)") from e
         raise
 
 
@@ -177,6 +215,67 @@ def publish_folder(folder: str, output: str, cfg: StorageConfig, manifest: dict[
     with storage_errors(output):
         fs.put(folder, staging, recursive=True)
         publish(fs, staging, final, manifest)
+
+
+def check_output(url: str, stage: str, cfg: StorageConfig, inputs: Iterable[str] = ()) -> None:
+    """Refuse, before any work starts, an output that would destroy what this stage did not write.
+
+    A stage replaces its output folder only when that folder is empty or an earlier output of the
+    same stage (its manifest says so); anything else needs ``storage.overwrite``. A folder holding
+    the stage's inputs or the working directory is never replaced. Local outputs must be writable.
+    """
+    for inner in [*inputs, os.getcwd()]:
+        if _contains(url, inner):
+            what = "the working directory" if inner == os.getcwd() else f"the input {inner!r}"
+            raise StorageError(f"refusing to write to {url!r}: replacing it would delete {what}\n"
+                               "choose another output folder")
+    fs, path = filesystem(url, cfg)
+    with storage_errors(url):
+        if fs.isfile(path):
+            raise StorageError(f"the output {url!r} is a file, not a folder\nchoose another output path")
+        if fs.isdir(path) and fs.ls(path, detail=False) and not cfg.overwrite:
+            found = output_stage(fs, path)
+            if found != stage:
+                wrote = f"an output of topoflow {found}" if found else "not written by topoflow " + stage
+                raise StorageError(
+                    f"refusing to replace {url!r}: it exists and is {wrote}\n"
+                    "choose another output folder, or replace it (deleting what it holds) with --overwrite")
+    if protocol(url) == "file":
+        _check_writable(url)
+
+
+def output_stage(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
+    """The stage that wrote the dataset or folder at ``path``, from its manifest (None: not topoflow's)."""
+    try:
+        manifest = json.loads(fs.cat(join(path, MANIFEST)))
+    except (FileNotFoundError, ValueError):
+        return None
+    return manifest.get("stage") or manifest.get("meta", {}).get("stage")
+
+
+def _contains(outer: str, inner: str) -> bool:
+    """Whether ``inner`` (a path, URL or glob) lies in or is ``outer``."""
+    if protocol(outer) != protocol(inner):
+        return False
+    inner = inner[: min((inner.find(c) for c in "*?[" if c in inner), default=len(inner))]
+    if protocol(outer) == "file":
+        a, b = (Path(urlsplit(u).path if u.startswith("file:") else u).resolve() for u in (outer, inner))
+        return b == a or a in b.parents
+    a, b = outer.rstrip("/"), inner.rstrip("/")
+    return b == a or b.startswith(a + "/")
+
+
+def _check_writable(url: str) -> None:
+    """Write a probe beside the local output (where its staging area goes), so a read-only or
+    forbidden location fails now rather than after all the reading is done."""
+    parent = Path(urlsplit(url).path if url.startswith("file:") else url).resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    try:
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as e:
+        raise StorageError(f"cannot write to {url!r}: {e.strerror or e} ({parent})\n"
+                           "choose an output folder on a writable filesystem, or fix its permissions") from e
 
 
 def discard(fs: fsspec.AbstractFileSystem, path: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from topoflow import dataset, storage
-from topoflow.config import Config
+from topoflow.config import Config, TrainConfig
 from topoflow.errors import TopoflowError
 from topoflow.models import INPUTS, build
 from topoflow.preprocessing import Preprocessing
@@ -41,17 +42,25 @@ class TrainResult:
     def table(self) -> str:
         last = {k: v[-1] for k, v in self.history.items() if v}
         metrics = "  ".join(f"{k}={v:.4f}" for k, v in sorted(last.items()))
-        return (f"model {self.model}: {self.epochs} epochs, {self.samples_per_s:,.0f} samples/s\n{metrics}\n"
+        return (f"model {self.model}: {_epochs(self.epochs)}, {self.samples_per_s:,.0f} samples/s\n{metrics}\n"
                 f"exported to {self.output}")
 
 
-def train(cfg: Config, resume: bool = False, show_progress: bool = True) -> TrainResult:
-    """Train ``cfg.train.model`` on ``cfg.train.data`` and export it to ``cfg.train.output``."""
+def train(cfg: Config, resume: bool = False, restart: bool = False, show_progress: bool = True) -> TrainResult:
+    """Train ``cfg.train.model`` on ``cfg.train.data`` and export it to ``cfg.train.output``.
+    ``resume`` continues the checkpoint in ``checkpoint_dir``; ``restart`` discards it."""
     from topoflow.export import export
 
     tc, sc = cfg.train, cfg.storage
+    output = tc.resolved(tc.output)
+    storage.check_output(output, "train", sc, inputs=[tc.data])
     pre = Preprocessing.load(tc.data, sc)  # also checks that this is a prepared dataset
+    validation = storage.join(tc.data, "validation")
+    if not storage.expand(validation, sc, missing_ok=True):
+        raise TopoflowError(f"no validation split in {tc.data!r} (prepared by an older topoflow)\n"
+                            "re-run topoflow prepare on the ingested dataset")
     ckpt = Path(tc.resolved(tc.checkpoint_dir))
+    state = _checkpoint_state(ckpt, tc, resume, restart)
     gpus = tf.config.list_physical_devices("GPU")
     if tc.mixed_precision and gpus:
         keras.mixed_precision.set_global_policy("mixed_float16")
@@ -59,16 +68,13 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True) -> Trai
         tf.config.experimental.enable_op_determinism()
     strategy = tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
 
-    state = json.loads((ckpt / STATE).read_text()) if resume and (ckpt / STATE).exists() else None
-    if resume and state is None:
-        raise TopoflowError(f"nothing to resume: no checkpoint in {ckpt}\nrun without --resume to start afresh")
     first_epoch = state["epoch"] if state else 0
     history = state["history"] if state else {}
     inputs = INPUTS[tc.model]
     common = dict(batch_size=tc.batch_size, inputs=inputs)
     train_ds = dataset.tf_dataset(storage.join(tc.data, "train"), sc, shuffle=True, seed=tc.seed, bucket=tc.bucket,
                                   first_epoch=first_epoch, **common)
-    val_ds = dataset.tf_dataset(storage.join(tc.data, "test"), sc, **common)
+    val_ds = dataset.tf_dataset(validation, sc, **common)
     steps = min(int(train_ds.cardinality()), tc.steps_per_epoch or 1 << 62)
     with strategy.scope():
         if state:
@@ -79,20 +85,49 @@ def train(cfg: Config, resume: bool = False, show_progress: bool = True) -> Trai
             keras.utils.set_random_seed(tc.seed)
             model = build(tc, total_steps=steps * tc.epochs)
     timer = _Timer()
-    callbacks = [_EpochSeeds(tc.seed), timer, _Checkpoint(ckpt, history), _MetricLines(),
+    bar = show_progress and sys.stdout.isatty()  # Keras' bar would fill log files with redraws
+    callbacks = [_EpochSeeds(tc.seed), timer, _Checkpoint(ckpt, history, tc), _MetricLines(after_bar=bar),
                  keras.callbacks.TensorBoard(str(ckpt / "logs"))]
     if first_epoch < tc.epochs:
         try:
             model.fit(train_ds, validation_data=val_ds, epochs=tc.epochs, initial_epoch=first_epoch,
                       steps_per_epoch=tc.steps_per_epoch, shuffle=False, callbacks=callbacks,
-                      verbose=1 if show_progress else 0)
+                      verbose=1 if bar else 0)
         except KeyboardInterrupt:
             done = json.loads((ckpt / STATE).read_text())["epoch"] if (ckpt / STATE).exists() else 0
-            raise TopoflowError(f"training interrupted; {done} epoch(s) are checkpointed in {ckpt}\n"
+            raise TopoflowError(f"training interrupted; {_epochs(done)} checkpointed in {ckpt}\n"
                                 "continue with: topoflow train --resume (same settings)") from None
-    output = tc.resolved(tc.output)
     export(model, output, sc, pre, cfg, history)
     return TrainResult(tc.model, output, tc.epochs, history, timer.samples_per_s(tc.batch_size))
+
+
+def _checkpoint_state(ckpt: Path, tc: TrainConfig, resume: bool, restart: bool) -> dict | None:
+    """The checkpoint to continue (``resume``), or None to start afresh; a checkpoint is never
+    discarded silently, nor continued with other settings (the result would be neither run's)."""
+    state = json.loads((ckpt / STATE).read_text()) if (ckpt / STATE).exists() else None
+    if resume and state is None:
+        raise TopoflowError(f"nothing to resume: no checkpoint in {ckpt}\nrun without --resume to start afresh")
+    if not resume:
+        if state is not None and not restart:
+            raise TopoflowError(f"a checkpoint of {_epochs(state['epoch'])} exists in {ckpt}\n"
+                                "continue it with --resume, or discard it and start afresh with --restart")
+        return None
+    now = _resumable_settings(tc)
+    differ = [f"{k} (checkpoint: {v!r}, now: {now.get(k)!r})"
+              for k, v in state.get("settings", {}).items() if now.get(k) != v]
+    if differ:
+        raise TopoflowError(f"cannot resume the checkpoint in {ckpt} with other settings: {'; '.join(differ)}\n"
+                            "resume with the checkpoint's settings, or start afresh with --restart")
+    return state
+
+
+def _resumable_settings(tc: TrainConfig) -> dict:
+    """The settings a resumed run must share with its checkpoint (where it exports may change)."""
+    return tc.model_dump(mode="json", exclude={"output", "checkpoint_dir"})
+
+
+def _epochs(n: int) -> str:
+    return f"{n} epoch{'s' if n != 1 else ''}"
 
 
 class _EpochSeeds(keras.callbacks.Callback):
@@ -130,9 +165,9 @@ class _Checkpoint(keras.callbacks.Callback):
     """After every epoch: the model (with optimizer state) in a new file, then ``state.json`` naming
     it, replaced atomically; a kill at any instant leaves a state and the model it names."""
 
-    def __init__(self, folder: Path, history: dict):
+    def __init__(self, folder: Path, history: dict, tc: TrainConfig):
         super().__init__()
-        self.folder, self.history = folder, history
+        self.folder, self.history, self.settings = folder, history, _resumable_settings(tc)
 
     def on_epoch_end(self, epoch, logs=None):
         for k, v in (logs or {}).items():
@@ -140,7 +175,7 @@ class _Checkpoint(keras.callbacks.Callback):
         name = f"epoch-{epoch + 1:04d}.keras"
         self.model.save(self.folder / f".{name}.tmp.keras")
         os.replace(self.folder / f".{name}.tmp.keras", self.folder / name)
-        state = {"epoch": epoch + 1, "model": name, "history": self.history}
+        state = {"epoch": epoch + 1, "model": name, "history": self.history, "settings": self.settings}
         (self.folder / f".{STATE}.tmp").write_text(json.dumps(state))
         os.replace(self.folder / f".{STATE}.tmp", self.folder / STATE)
         for old in self.folder.glob("epoch-*.keras"):
@@ -149,8 +184,13 @@ class _Checkpoint(keras.callbacks.Callback):
 
 
 class _MetricLines(keras.callbacks.Callback):
-    """``epoch=N name=value …`` on stdout each epoch: the format Katib's StdOut collector reads."""
+    """``epoch=N name=value …`` on stdout each epoch: the format Katib's StdOut collector reads.
+    Always a line of its own: after Keras' bar (which ends its line only after this callback)."""
+
+    def __init__(self, after_bar: bool):
+        super().__init__()
+        self.start = "\n" if after_bar else ""
 
     def on_epoch_end(self, epoch, logs=None):
         values = " ".join(f"{k}={float(v):.6g}" for k, v in sorted((logs or {}).items()))
-        print(f"epoch={epoch + 1} {values}", flush=True)
+        print(f"{self.start}epoch={epoch + 1} {values}", flush=True)

@@ -62,6 +62,7 @@ def generate(cfg: Config, show_progress: bool = True) -> GenerateSummary:
     """Generate the configured events; returns per-class counts, filter efficiency and speed."""
     gc, sc = cfg.generate, cfg.storage
     t0 = time.monotonic()
+    storage.check_output(gc.output, "generate", sc)
     fakes = round(gc.events.get("qcd", 0) * gc.qcd_fake_fraction)
     per_process = {**gc.events, "qcd": gc.events.get("qcd", 0) - fakes, "qcd_fake": fakes}
     jobs = [(p, i, min(gc.events_per_file, n - start))
