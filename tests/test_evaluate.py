@@ -31,7 +31,7 @@ def _random_scores(y: np.ndarray, seed: int = 1) -> np.ndarray:
 
 
 def test_roc_auc_matches_pairwise_definition():
-    from topoflow.evaluate import metrics, roc_curve
+    from topoflow.metrics import metrics, roc_curve
 
     y = np.random.default_rng(1).integers(0, 3, 400)
     prob = _random_scores(y)
@@ -48,7 +48,7 @@ def test_roc_auc_matches_pairwise_definition():
 def test_auc_bootstrap_std_matches_resampling_and_true_spread(decimals):
     """On 300 + 300 binormal events: the fast bootstrap agrees with a slow per-resample reference
     on the same events, and with the spread of the AUC over independent samples (the truth)."""
-    from topoflow.evaluate import auc_std
+    from topoflow.metrics import auc_std
 
     rng = np.random.default_rng(7)
 
@@ -65,7 +65,8 @@ def test_auc_bootstrap_std_matches_resampling_and_true_spread(decimals):
 
 
 def test_small_test_split_is_called_out():
-    from topoflow.evaluate import Report, markdown, metrics
+    from topoflow.evaluate import Report, markdown
+    from topoflow.metrics import metrics
 
     y = np.repeat([0, 1, 2], [500, 100, 42])
     result = metrics(y, _random_scores(y))
@@ -93,7 +94,7 @@ def test_roc_plot_spans_the_resolvable_false_positive_rates(tmp_path, monkeypatc
     """The ROC x-axis starts at 1/(background events); chance is the diagonal tpr = fpr, sampled
     along the log axis; training curves have whole-epoch ticks."""
     from topoflow import plots
-    from topoflow.evaluate import metrics
+    from topoflow.metrics import metrics
 
     y = np.repeat([0, 1, 2], [300, 150, 50])
     prob = _random_scores(y)
@@ -126,7 +127,8 @@ def trained(synthetic_prepared, tmp_path_factory):  # noqa: F811
 
 @pytest.mark.spark
 def test_evaluate_report_compares_models(synthetic_prepared, trained, tmp_path):  # noqa: F811
-    from topoflow.evaluate import MIN_TEST_EVENTS, evaluate
+    from topoflow.evaluate import evaluate
+    from topoflow.metrics import MIN_TEST_EVENTS
 
     cfg = Config()
     cfg.evaluate.data = str(synthetic_prepared)

@@ -96,6 +96,20 @@ examples:
 """
 
 
+_PIPELINE_HELP = """\
+The whole pipeline as Kubeflow Pipelines v2: [generate] → ingest → prepare → train (hlf, gru,
+inclusive in parallel) → evaluate. On a cluster, ingest and prepare run as SparkApplications
+(Spark operator), training on GPU nodes; S3 keys come from the Secret pipeline.s3_secret, never
+from the pipeline spec. Resources, GPUs and secrets are pipeline.* settings.
+
+examples:
+  topoflow pipeline compile --config cluster.yaml --output topoflow.yaml   # for the KFP UI
+  topoflow pipeline submit --config cluster.yaml --host https://kubeflow.example/pipeline \\
+      --token-file ~/.kfp-token --experiment topoflow
+  topoflow pipeline run --local --config configs/default.yaml              # no cluster
+"""
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", metavar="FILE", help="YAML file with any settings")
@@ -161,10 +175,43 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", metavar="URL", help="prepared dataset (evaluate.data)")
     ev.add_argument("--output", metavar="URL", help="report folder (evaluate.output)")
 
+    pipe = stage("pipeline", "the Kubeflow pipeline: compile it, submit a run, or run it locally", _PIPELINE_HELP,
+                 _run_pipeline)
+    pipe.add_argument("action", choices=("compile", "submit", "run"), help="what to do")
+    pipe.add_argument("--output", metavar="FILE", default="out/topoflow-pipeline.yaml",
+                      help="compile: where to write the pipeline YAML (default %(default)s)")
+    pipe.add_argument("--host", metavar="URL", help="submit: the Kubeflow Pipelines API, e.g. https://kubeflow.example/pipeline")
+    token = pipe.add_mutually_exclusive_group()
+    token.add_argument("--token", help="submit: bearer token (else --token-file or KF_PIPELINES_TOKEN)")
+    token.add_argument("--token-file", metavar="FILE", help="submit: file holding the bearer token")
+    pipe.add_argument("--experiment", default="topoflow", help="submit: experiment name (default %(default)s)")
+    pipe.add_argument("--run-name", help="submit: name of the run")
+    pipe.add_argument("--local", action="store_true", help="run: with kfp.local on this machine (required: "
+                      "a cluster run is `submit`)")
+
     stage("config", "print the effective settings as YAML",
           "Print every setting with its effective value (defaults, file, --set).",
           lambda config, args: print(config.to_yaml(), end=""))
     return parser
+
+
+def _run_pipeline(config: Config, args) -> None:
+    from topoflow import pipeline
+
+    if args.action == "compile":
+        print(f"pipeline written to {pipeline.compile_pipeline(config, args.output)}")
+    elif args.action == "submit":
+        if not args.host:
+            raise TopoflowError("submit needs --host URL: the Kubeflow Pipelines API endpoint")
+        run_id = pipeline.submit(config, args.host, pipeline.read_token(args.token, args.token_file),
+                                 args.experiment, args.run_name)
+        print(f"submitted run {run_id} to {args.host} (experiment {args.experiment})")
+    else:
+        if not args.local:
+            raise TopoflowError("run executes the pipeline on this machine: add --local "
+                                "(to run on a cluster: topoflow pipeline submit --host URL)")
+        pipeline.run_local(config)
+        print(f"pipeline finished; report in {config.evaluate.output}")
 
 
 def _flag_overrides(section: str, args, names: tuple[str, ...]) -> list[str]:
@@ -248,6 +295,10 @@ _STAGE_OVERRIDES = {
 }
 
 
+_EXTRAS = {"generate": "generate", "ingest": "spark", "prepare": "spark", "train": "train", "evaluate": "train",
+           "pipeline": "pipeline"}  # the extra each command needs
+
+
 def _stop(signum, frame):
     raise KeyboardInterrupt  # SIGTERM (a pod being evicted) stops as cleanly as Ctrl-C
 
@@ -264,6 +315,11 @@ def main(argv: list[str] | None = None) -> int:
         args.run(load_config(args.config, overrides), args)
     except TopoflowError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:  # a stage whose extra is not installed
+        from topoflow.extras import missing
+
+        print(f"error: {missing(e.name, _EXTRAS.get(args.command, 'all'))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if "pyspark" in sys.modules:

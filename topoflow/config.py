@@ -197,6 +197,43 @@ class EvaluateConfig(_Section):
     batch_size: int = Field(1024, ge=1)
 
 
+class Toleration(_Section):
+    key: str
+    operator: Literal["Exists", "Equal"] = "Exists"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+
+
+class PipelineConfig(_Section):
+    """How the Kubeflow pipeline runs on a cluster (``topoflow pipeline``); ignored by local stages."""
+
+    namespace: str = Field("topoflow", description="namespace of the SparkApplications the pipeline creates")
+    spark_launcher: Literal["kubernetes", "local"] = Field(
+        "kubernetes", description="kubernetes: ingest and prepare run as SparkApplications (Spark operator); "
+        "local: Spark inside the pipeline pod (and with `topoflow pipeline run --local`)")
+    spark_service_account: str = Field("topoflow-spark", description="service account of Spark drivers")
+    s3_secret: str | None = Field("topoflow-s3", description="Secret with keys access_key_id and "
+                                  "secret_access_key, given to every task as AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
+    xrootd_secret: str | None = Field(None, description="Secret holding an X.509 proxy (key x509up) for XRootD/EOS, "
+                                      "mounted at /etc/topoflow/xrootd")
+    cpu: str = Field("2", description="CPU request and limit of every task but training")
+    memory: str = Field("4Gi", description="memory request and limit of every task but training")
+    train_cpu: str = Field("4", description="CPU request and limit of each training task")
+    train_memory: str = Field("16Gi", description="memory request and limit of each training task")
+    gpus: int = Field(1, ge=0, description="GPUs per training task (0: train on CPU)")
+    gpu_resource: str = Field("nvidia.com/gpu", description="the extended resource name of the GPUs")
+    gpu_node_selector: dict[str, str] = Field(default_factory=lambda: {"nvidia.com/gpu.present": "true"},
+                                              description="labels of the nodes training runs on when gpus > 0")
+    gpu_tolerations: list[Toleration] = Field(
+        default_factory=lambda: [Toleration(key="nvidia.com/gpu", effect="NoSchedule")],
+        description="taints of GPU nodes that training tolerates")
+    pvc: str | None = Field(None, description="PersistentVolumeClaim mounted at pvc_mount in every task")
+    pvc_mount: str = "/data"
+    models: list[Literal["hlf", "gru", "inclusive"]] = Field(
+        default_factory=lambda: ["hlf", "gru", "inclusive"], description="the models trained in parallel")
+    generate: bool = Field(False, description="generate events first (generate.*) instead of reading ingest.datasets")
+
+
 class Config(_Section):
     """The whole configuration; one section per concern."""
 
@@ -207,6 +244,7 @@ class Config(_Section):
     prepare: PrepareConfig = Field(default_factory=PrepareConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
 
     def to_yaml(self) -> str:
         """The effective configuration as YAML: secrets masked, settings taken from the environment say so."""

@@ -1,31 +1,25 @@
-"""The evaluation stage: trained models on the full test split, judged the way physicists judge a
-trigger. Per class (one against the rest): ROC AUC; for the signals tt̄ and W+jets the efficiency
-at 1 % and 10 % false-positive rate; and, as Nguyen et al. highlight, the false-positive rate left
-at 99 % signal efficiency. Plus accuracy and the confusion matrix, as PNG plots and a JSON and
-Markdown report that compares every model given. Every AUC carries its bootstrap uncertainty, and a
-class with too few test events is called out: a test split of a few dozen events decides little.
+"""The evaluation stage: exported models predict on the full test split, judged the way physicists
+judge a trigger (the numbers: :mod:`topoflow.metrics`), and one JSON and Markdown report with PNG
+plots compares every model given. A model folder that is damaged or was trained on differently
+prepared data is one clear error naming it.
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from topoflow import CLASS_TITLES, CLASSES, dataset, storage
+from topoflow import CLASS_TITLES, CLASSES, dataset, plots, storage
 from topoflow.config import Config
 from topoflow.errors import BadInputError, ConfigError
 from topoflow.export import CARD
+from topoflow.metrics import RESAMPLES, SIGNALS, metrics
 from topoflow.preprocessing import FILE_NAME, Preprocessing
 
-SIGNALS = ("ttbar", "wjets")
-FPR_POINTS = (0.01, 0.10)
-EFFICIENCY = 0.99
-MIN_TEST_EVENTS = 100  # below this, an efficiency's binomial error reaches 5 %
-RESAMPLES = 200  # bootstrap resamples per AUC uncertainty
 MODEL_FILE = "model.keras"
 RE_EXPORT = "re-export the model with topoflow train"
 MODEL_FILES = {  # what an exported model folder must hold: file -> (problem when missing, fix)
@@ -34,72 +28,6 @@ MODEL_FILES = {  # what an exported model folder must hold: file -> (problem whe
     f"{CARD}.json": (f"no {CARD}.json: not a folder written by topoflow train", RE_EXPORT),
     FILE_NAME: (f"no {FILE_NAME}: the transform the model was trained with is unknown", RE_EXPORT),
 }
-
-
-def roc_curve(is_signal: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """False- and true-positive rates at every distinct score threshold, from (0, 0) to (1, 1)."""
-    order = np.argsort(-score, kind="stable")
-    y, s = is_signal[order].astype(np.float64), score[order]
-    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # last index of each distinct score
-    tps, fps = np.cumsum(y)[last], np.cumsum(1 - y)[last]
-    return np.r_[0.0, fps / max(fps[-1], 1)], np.r_[0.0, tps / max(tps[-1], 1)]
-
-
-def auc_std(is_signal: np.ndarray, score: np.ndarray, resamples: int = RESAMPLES, seed: int = 0) -> float:
-    """The ROC AUC's standard deviation over bootstrap resamples (signal and background each drawn
-    with replacement, so every resample has both). A resample only changes how often each distinct
-    score occurs, so its AUC comes from counts per score, ranked once: Σ signal × (background below
-    + half the ties). Resamples go in batches of a few million draws, bounding memory."""
-    _, rank = np.unique(score, return_inverse=True)
-    n_ranks, rng, aucs = rank.max() + 1, np.random.default_rng(seed), []
-    signal, background = rank[is_signal], rank[~is_signal]
-    batch = max(1, 2**21 // len(score))
-
-    def counts(ranks: np.ndarray, b: int) -> np.ndarray:  # (b, n_ranks): how often each score was drawn
-        drawn = ranks[rng.integers(0, len(ranks), (b, len(ranks)))] + n_ranks * np.arange(b)[:, None]
-        return np.bincount(drawn.ravel(), minlength=b * n_ranks).reshape(b, n_ranks)
-
-    for start in range(0, resamples, batch):
-        b = min(batch, resamples - start)
-        s, bg = counts(signal, b), counts(background, b)
-        pairs = np.einsum("ij,ij->i", s, np.cumsum(bg, axis=1)) - np.einsum("ij,ij->i", s, bg) / 2
-        aucs.append(pairs / (len(signal) * len(background)))
-    return float(np.concatenate(aucs).std())
-
-
-def cautions(events_per_class: dict[str, int]) -> list[str]:
-    """Classes whose test events are too few for their numbers to mean much."""
-    return [f"caution: only {n} {CLASS_TITLES[c]} ({c}) events in the test split (fewer than {MIN_TEST_EVENTS}): "
-            "its AUC and efficiencies are statistically weak"
-            for c, n in events_per_class.items() if n < MIN_TEST_EVENTS]
-
-
-def metrics(y_true: np.ndarray, prob: np.ndarray) -> dict:
-    """All numbers of the report for one model: ``y_true`` class indices, ``prob`` (n, 3)."""
-    pred = prob.argmax(axis=1)
-    confusion = np.zeros((3, 3), dtype=np.int64)
-    np.add.at(confusion, (y_true, pred), 1)
-    per_class = {c: int(n) for c, n in zip(CLASSES, confusion.sum(axis=1))}
-    out = {"events": int(len(y_true)), "events_per_class": per_class, "cautions": cautions(per_class),
-           "accuracy": float((pred == y_true).mean()), "confusion": confusion.tolist(), "auc": {}, "auc_std": {},
-           "trigger": {}}
-    for k, c in enumerate(CLASSES):
-        if per_class[c] in (0, len(y_true)):  # a ROC needs both signal and background
-            out["auc"][c] = out["auc_std"][c] = None
-            if c in SIGNALS:
-                out["trigger"][c] = None
-            continue
-        fpr, tpr = roc_curve(y_true == k, prob[:, k])
-        out["auc"][c] = float(np.trapezoid(tpr, fpr))
-        out["auc_std"][c] = auc_std(y_true == k, prob[:, k])
-        if c in SIGNALS:
-            fpr_99 = float(np.interp(EFFICIENCY, tpr, fpr))
-            out["trigger"][c] = {
-                **{f"efficiency_at_fpr_{p:g}": float(np.interp(p, fpr, tpr)) for p in FPR_POINTS},
-                "fpr_at_99pct_efficiency": fpr_99,
-                "background_rejection_at_99pct_efficiency": 1 / fpr_99 if fpr_99 > 0 else float("inf"),
-            }
-    return out
 
 
 def load_model(url: str, cfg: Config) -> tuple[object, dict, Preprocessing]:
@@ -156,6 +84,7 @@ def predict(model_url: str, data_url: str, cfg: Config) -> tuple[np.ndarray, np.
 class Report:
     output: str
     results: dict[str, dict]
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # model → (labels, probabilities)
 
     def table(self) -> str:
         head = f"{'model':<12}{'accuracy':>9}" + "".join(f"{'AUC ' + c:>18}" for c in CLASSES)
@@ -182,13 +111,11 @@ def evaluate(cfg: Config) -> Report:
             name = card["model"] if card["model"] not in results else url.rstrip("/").rsplit("/", 1)[-1]
             results[name] = metrics(y, prob) | {"model_url": url, "history": card.get("history", {})}
             curves[name] = (y, prob)
-        from topoflow import plots
-
         plots.report_plots(folder, results, curves)
         (folder / "report.json").write_text(json.dumps(results, indent=2, sort_keys=True))
         (folder / "report.md").write_text(markdown(results, ec.data))
         storage.publish_folder(str(folder), ec.output, cfg.storage, {"stage": "evaluate", "models": list(results)})
-    return Report(ec.output, results)
+    return Report(ec.output, results, curves)
 
 
 def _num(value) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from topoflow import CLASS_TITLES, CLASSES
+from topoflow.metrics import roc_curve
 
 
 def roc_xlim(y: np.ndarray, k: int) -> tuple[float, float]:
@@ -21,8 +22,6 @@ def report_plots(folder: Path, results: dict[str, dict], curves: dict[str, tuple
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
-
-    from topoflow.evaluate import roc_curve
 
     y_test = next(iter(curves.values()))[0]  # every model saw the same test split
     for k, c in enumerate(CLASSES):

@@ -12,7 +12,8 @@ import threading
 from pathlib import Path
 
 from topoflow.config import SparkConfig
-from topoflow.errors import ConfigError, StorageError, TopoflowError
+from topoflow.errors import BadInputError, ConfigError, StorageError, TopoflowError
+from topoflow.extras import require
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ def session(cfg: SparkConfig):
     a local master binds to loopback (``SPARK_LOCAL_IP``) so that a laptop's changing network does
     not break it. Both are left alone when already set.
     """
-    from pyspark.sql import SparkSession
+    SparkSession = require("pyspark.sql", "spark").SparkSession
 
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
@@ -83,10 +84,16 @@ _REMOTE_ERROR = re.compile(r"topoflow\.errors\.(\w+): (.*?)(?:\n\s*\n|\n\tat |\Z
 
 
 def job_error(e: Exception) -> Exception:
-    """Recover our own error from a failed Spark job (it arrives as text inside a Java exception)."""
+    """Recover our own error from a failed Spark job: it arrives as text inside a Java exception. A
+    BadInputError keeps its file, problem and fix, parsed back from its text: the problem, a line
+    ``in file URL``, the fix (the last such line counts: a problem may quote a library's own)."""
     found = _REMOTE_ERROR.findall(str(e))
     if not found:
         return e
     kind, text = found[-1]
-    cls = {"BadInputError": TopoflowError, "StorageError": StorageError, "ConfigError": ConfigError}.get(kind, TopoflowError)
-    return cls(text.strip())
+    text = text.strip()
+    problem, in_file, rest = text.rpartition("\nin file ")
+    if kind == "BadInputError" and in_file:
+        url, _, fix = rest.partition("\n")
+        return BadInputError(url, problem, fix)
+    return {"StorageError": StorageError, "ConfigError": ConfigError}.get(kind, TopoflowError)(text)

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import contextlib
 
+from topoflow.extras import require
+
 
 def import_tensorflow():
     """Import XRootD's client (if installed), then TensorFlow; return the ``tensorflow`` module."""
     with contextlib.suppress(ImportError):
         import XRootD.client  # noqa: F401  (load order matters, see the module docstring)
-    import tensorflow as tf
-
-    return tf
+    return require("tensorflow", "train")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import awkward as ak
 import numpy as np
 
+from topoflow.extras import require
 from topoflow.features import delta_phi
 
 CARD = {
@@ -147,7 +148,7 @@ def _fake_electron(flow_evt, flow_pt, flow_eta, flow_phi, jets, n, rng):
 
 
 def _jets(evt, pt, eta, phi, b_hadrons, n, rng) -> tuple[np.ndarray, ...]:
-    import fastjet
+    fastjet = require("fastjet", "generate")
 
     order = np.argsort(evt, kind="stable")
     evt, pt, eta, phi = evt[order], pt[order], eta[order], phi[order]

@@ -15,6 +15,8 @@ from typing import Iterator
 
 import numpy as np
 
+from topoflow.extras import require
+
 _COMMON = ["Beams:eCM = 13000.", "Print:quiet = on", "Next:numberCount = 0", "Random:setSeed = on"]
 _B_HADRONS = (511, 521, 531, 5122)
 PROCESSES = {
@@ -36,7 +38,7 @@ COLUMNS = ("id", "px", "py", "pz", "e", "charge", "x", "y", "z")
 def events(process: str, seed: int, n_kept: int, stats: dict) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield ``(final-state particles (n, 9), b-hadron momenta (m, 3: pT, η, φ))`` for ``n_kept``
     events passing the lepton filter. ``stats`` counts ``tried`` and ``kept``."""
-    import pythia8mc
+    pythia8mc = require("pythia8mc", "generate")
 
     py = pythia8mc.Pythia("", False)
     for s in _COMMON + PROCESSES[process] + [f"Random:seed = {seed % 900_000_000}"]:

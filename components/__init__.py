@@ -1,0 +1,64 @@
+"""topoflow's Kubeflow Pipelines components: typed inputs and outputs and a docstring; each body
+calls one function of :mod:`topoflow.steps` (the stage code the CLI runs). Every component takes
+the whole configuration as YAML text (``config``, secrets never included) and passes data as
+artifacts whose ``metadata["url"]`` is where the stage wrote them.
+
+On a cluster they run in topoflow's images (:mod:`topoflow.images`); locally (``kfp.local``,
+``topoflow pipeline run --local``) in this Python environment.
+"""
+
+from kfp import dsl
+from kfp.dsl import HTML, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
+
+from topoflow import images
+
+
+@dsl.component(base_image=images.SPARK, install_kfp_package=False)
+def generate(config: str, events: Output[Dataset]):
+    """Generate Delphes-format events of every class (when pipeline.generate is set; else nothing)."""
+    from topoflow import steps
+
+    steps.record(events, steps.generate(config), config)
+
+
+@dsl.component(base_image=images.SPARK, install_kfp_package=False)
+def ingest(config: str, events: Input[Dataset], ingested: Output[Dataset]):
+    """Select events with an isolated lepton and compute features: the generated ``events`` when
+    there are any, else the config's ingest.datasets (as a SparkApplication on a cluster)."""
+    from topoflow import steps
+
+    steps.record(ingested, steps.ingest(config, events.metadata.get("url", "")), config)
+
+
+@dsl.component(base_image=images.SPARK, install_kfp_package=False)
+def prepare(config: str, ingested: Input[Dataset], prepared: Output[Dataset]):
+    """Balance, split (train/validation/test), scale: the datasets every model trains on."""
+    from topoflow import steps
+
+    steps.record(prepared, steps.prepare(config, ingested.metadata["url"]), config)
+
+
+@dsl.component(base_image=images.TRAIN, install_kfp_package=False)
+def train(config: str, prepared: Input[Dataset], model_name: str, model: Output[Model]):
+    """Train one classifier (hlf, gru or inclusive) and export it for serving."""
+    from topoflow import steps
+
+    steps.record(model, steps.train(config, prepared.metadata["url"], model_name), config)
+    model.metadata["model"] = model_name
+
+
+@dsl.component(base_image=images.TRAIN, install_kfp_package=False)
+def evaluate(config: str, prepared: Input[Dataset], metrics: Output[Metrics], report_md: Output[Markdown],
+             report_html: Output[HTML], hlf_classification: Output[ClassificationMetrics],
+             gru_classification: Output[ClassificationMetrics],
+             inclusive_classification: Output[ClassificationMetrics], hlf: Input[Model] = None,
+             gru: Input[Model] = None, inclusive: Input[Model] = None):
+    """Compare the trained models on the test split: per-class AUC and accuracy (metrics), the
+    confusion matrix and tt̄ ROC curve per model (classification), the report (Markdown, HTML)."""
+    from topoflow import steps
+
+    given = {"hlf": (hlf, hlf_classification), "gru": (gru, gru_classification),
+             "inclusive": (inclusive, inclusive_classification)}
+    models = {name: m.metadata["url"] for name, (m, _) in given.items() if m is not None}
+    steps.evaluate(config, prepared.metadata["url"], models, metrics=metrics,
+                   classification={name: c for name, (_, c) in given.items()}, markdown=report_md, html=report_html)

@@ -1,0 +1,1 @@
+"""The Kubeflow pipelines of topoflow (``topoflow_pipeline``): wiring only."""

@@ -1,0 +1,54 @@
+"""The topoflow pipeline: [generate] → ingest → prepare → train (one task per model, in parallel)
+→ evaluate. Wiring only: resources, GPUs, node placement, secrets and volumes come from the
+config's ``pipeline`` section; what each step does lives in :mod:`topoflow.steps`.
+"""
+
+from kfp import dsl, kubernetes
+
+import components as c
+from topoflow.config import Config, PipelineConfig
+from topoflow.steps import config_text
+
+
+def build(cfg: Config):
+    """The pipeline function for ``cfg`` (its YAML, without secrets, is the ``config`` parameter)."""
+    pc = cfg.pipeline
+
+    @dsl.pipeline(name="topoflow", description="LHC event-topology classification: Delphes ROOT files → "
+                  "selected events → prepared datasets → HLF, GRU and inclusive classifiers → report")
+    def topoflow(config: str = config_text(cfg)):
+        events = _platform(c.generate(config=config), pc).set_display_name("generate")
+        ingested = _platform(c.ingest(config=config, events=events.outputs["events"]), pc)
+        prepared = _platform(c.prepare(config=config, ingested=ingested.outputs["ingested"]), pc)
+        models = {}
+        for name in pc.models:
+            task = c.train(config=config, prepared=prepared.outputs["prepared"], model_name=name)
+            _platform(task.set_display_name(f"train {name}"), pc, pc.train_cpu, pc.train_memory)
+            if pc.gpus:
+                task.set_accelerator_type(pc.gpu_resource).set_accelerator_limit(pc.gpus)
+                for key, value in pc.gpu_node_selector.items():
+                    kubernetes.add_node_selector(task, label_key=key, label_value=value)
+                for t in pc.gpu_tolerations:
+                    kubernetes.add_toleration(task, key=t.key, operator=t.operator, value=t.value, effect=t.effect)
+            models[name] = task.outputs["model"]
+        _platform(c.evaluate(config=config, prepared=prepared.outputs["prepared"], **models), pc,
+                  pc.cpu, pc.train_memory)
+
+    return topoflow
+
+
+def _platform(task, pc: PipelineConfig, cpu: "str | None" = None, memory: "str | None" = None):
+    """Requests = limits on every task, S3 keys and the XRootD proxy from Secrets, the volume; no
+    caching (the data live at URLs the cache cannot see)."""
+    cpu, memory = cpu or pc.cpu, memory or pc.memory
+    task.set_cpu_request(cpu).set_cpu_limit(cpu).set_memory_request(memory).set_memory_limit(memory)
+    task.set_caching_options(False)
+    if pc.s3_secret:
+        kubernetes.use_secret_as_env(task, secret_name=pc.s3_secret, secret_key_to_env={
+            "access_key_id": "AWS_ACCESS_KEY_ID", "secret_access_key": "AWS_SECRET_ACCESS_KEY"})
+    if pc.xrootd_secret:
+        kubernetes.use_secret_as_volume(task, secret_name=pc.xrootd_secret, mount_path="/etc/topoflow/xrootd")
+        task.set_env_variable("X509_USER_PROXY", "/etc/topoflow/xrootd/x509up")
+    if pc.pvc:
+        kubernetes.mount_pvc(task, pvc_name=pc.pvc, mount_path=pc.pvc_mount)
+    return task

@@ -1,0 +1,151 @@
+"""The Kubeflow pipeline: the compiled YAML is what the config says (components, parameters,
+artifact types, resources, GPU, secrets, placement), and `kfp.local` runs the same pipeline to the
+same outputs as the CLI stages."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import SAMPLES, free_port
+from topoflow import images
+from topoflow.cli import main
+from topoflow.config import Config
+
+SECRET = "pipeline-secret-0123456789"
+
+
+def _compiled(cfg: Config, tmp_path) -> tuple[dict, dict]:
+    from topoflow.pipeline import compile_pipeline
+
+    docs = list(yaml.safe_load_all(compile_pipeline(cfg, tmp_path / "p.yaml").read_text()))
+    platform = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"] if len(docs) > 1 else {}
+    return docs[0], platform
+
+
+def test_compiled_pipeline_is_what_the_config_says(tmp_path):
+    cfg = Config()
+    cfg.storage.s3_access_key_id, cfg.storage.s3_secret_access_key = "key-id-0123", SECRET
+    cfg.pipeline.pvc, cfg.pipeline.xrootd_secret, cfg.pipeline.train_memory = "topoflow-data", "eos-proxy", "12Gi"
+    spec, platform = _compiled(cfg, tmp_path)
+    text = (tmp_path / "p.yaml").read_text()
+    assert SECRET not in text and "key-id-0123" not in text, "no secret in the pipeline spec"
+
+    tasks = spec["root"]["dag"]["tasks"]
+    assert sorted(tasks) == ["evaluate", "generate", "ingest", "prepare", "train", "train-2", "train-3"]
+    assert {tasks[t]["inputs"]["parameters"]["model_name"]["runtimeValue"]["constant"]
+            for t in ("train", "train-2", "train-3")} == {"hlf", "gru", "inclusive"}
+    assert Config.model_validate(yaml.safe_load(spec["root"]["inputDefinitions"]["parameters"]["config"]["defaultValue"])) \
+        .pipeline == cfg.pipeline, "the config parameter is the config"
+
+    def artifacts(component: str, side: str) -> dict[str, str]:
+        defs = spec["components"][f"comp-{component}"][f"{side}Definitions"]["artifacts"]
+        return {k: v["artifactType"]["schemaTitle"] for k, v in defs.items()}
+
+    assert artifacts("ingest", "output") == {"ingested": "system.Dataset"}
+    assert artifacts("train", "output") == {"model": "system.Model"}
+    assert artifacts("evaluate", "input") == {"prepared": "system.Dataset", "hlf": "system.Model",
+                                              "gru": "system.Model", "inclusive": "system.Model"}
+    assert sorted(set(artifacts("evaluate", "output").values())) == [
+        "system.ClassificationMetrics", "system.HTML", "system.Markdown", "system.Metrics"]
+
+    executors = spec["deploymentSpec"]["executors"]
+    assert executors["exec-ingest"]["container"]["image"] == images.SPARK
+    assert executors["exec-train"]["container"]["image"] == images.TRAIN
+    for name, ex in executors.items():
+        res = ex["container"]["resources"]
+        assert res["cpuLimit"] == res["cpuRequest"] and res["memoryLimit"] == res["memoryRequest"], name
+        env = {e["envVar"] for s in platform[name]["secretAsEnv"] for e in s["keyToEnv"]}
+        assert env == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}, name
+        assert platform[name]["secretAsEnv"][0]["secretName"] == "topoflow-s3"
+        assert platform[name]["secretAsVolume"][0]["secretName"] == "eos-proxy"
+        assert platform[name]["pvcMount"][0]["mountPath"] == "/data"
+        is_train = name.startswith("exec-train")
+        assert ("accelerator" in res) == is_train, name
+        assert ("tolerations" in platform[name]) == is_train and ("nodeSelector" in platform[name]) == is_train
+    train = executors["exec-train"]["container"]["resources"]
+    assert train["accelerator"]["resourceType"] == "nvidia.com/gpu" and int(train["accelerator"]["resourceCount"]) == 1
+    assert train["resourceMemoryLimit"] == "12Gi" and train["resourceCpuLimit"] == cfg.pipeline.train_cpu
+    assert platform["exec-train"]["tolerations"] == [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
+
+
+def test_cpu_only_pipeline_asks_for_no_gpu(tmp_path):
+    cfg = Config()
+    cfg.pipeline.gpus, cfg.pipeline.s3_secret, cfg.pipeline.models = 0, None, ["hlf"]
+    spec, platform = _compiled(cfg, tmp_path)
+    assert "accelerator" not in spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]
+    assert platform == {}, "no secret, GPU placement or volume asked for"
+    assert sorted(spec["root"]["dag"]["tasks"]["evaluate"]["inputs"]["artifacts"]) == ["hlf", "prepared"]
+
+
+def test_submit_to_an_unreachable_host_is_a_clear_error(capsys):
+    host = f"http://127.0.0.1:{free_port()}"
+    t0 = time.monotonic()
+    assert main(["pipeline", "submit", "--host", host, "--token", "t"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot submit the run to {host}" in err and "Traceback" not in err
+    assert time.monotonic() - t0 < 60
+    assert main(["pipeline", "run"]) == 2 and "--local" in capsys.readouterr().err
+
+
+@pytest.mark.spark
+@pytest.mark.slow
+def test_local_pipeline_run_equals_the_cli_stages(spark, delphes_dir, tmp_path):
+    """`topoflow pipeline run --local` (kfp.local, every step a subprocess) writes what the stages
+    write when called one by one."""
+    from test_ingest import read_dataset
+    from topoflow.ingest import ingest
+    from topoflow.pipeline import run_local
+    from topoflow.preprocessing import Preprocessing
+    from topoflow.prepare import prepare
+    from topoflow.train import train
+
+    def config(base):
+        cfg = Config()
+        cfg.spark.master, cfg.spark.driver_memory = "local[1]", "1g"
+        cfg.ingest.datasets = {c: [str(delphes_dir / f)] for c, f in SAMPLES.items()}
+        cfg.ingest.output, cfg.prepare.output = str(base / "ingested"), str(base / "prepared")
+        cfg.prepare.input, cfg.prepare.balance, cfg.prepare.test_fraction = str(base / "ingested"), False, 0.3
+        cfg.train.data, cfg.train.model, cfg.train.epochs, cfg.train.batch_size = str(base / "prepared"), "hlf", 2, 16
+        cfg.train.output, cfg.train.checkpoint_dir = str(base / "models/{model}"), str(base / "ckpt/{model}")
+        cfg.evaluate.output, cfg.pipeline.models = str(base / "report"), ["hlf"]
+        return cfg
+
+    run_local(config(tmp_path / "kfp"), tmp_path / "kfp-root")
+    cli = config(tmp_path / "cli")
+    ingest(cli, spark, show_progress=False)
+    prepare(cli, spark, show_progress=False)
+    trained = train(cli, show_progress=False)
+
+    kfp, ref = tmp_path / "kfp", tmp_path / "cli"
+    assert read_dataset(kfp / "ingested").keys() == read_dataset(ref / "ingested").keys()
+    same = [Preprocessing.load(str(d / "prepared"), cli.storage).fingerprint() for d in (kfp, ref)]
+    assert same[0] == same[1], "the same scalers (only the source URL they name differs)"
+    for split in ("train", "validation", "test"):
+        assert json.loads((kfp / f"prepared/{split}/_manifest.json").read_text())["rows_per_class"] == \
+            json.loads((ref / f"prepared/{split}/_manifest.json").read_text())["rows_per_class"]
+    card = json.loads((kfp / "models/hlf/model_card.json").read_text())
+    np.testing.assert_allclose(card["history"]["loss"], trained.history["loss"], rtol=1e-5)
+    report = json.loads((kfp / "report/report.json").read_text())
+    assert list(report) == ["hlf"] and report["hlf"]["events"] > 0
+    evaluated = next((tmp_path / "kfp-root").rglob("evaluate"))
+    assert "<img src=\"data:image/png;base64," in (evaluated / "report_html").read_text()
+    assert "test split" in (evaluated / "report_md").read_text()
+    logged = {name: a["artifacts"][0]["metadata"]
+              for name, a in json.loads((evaluated / "executor_output.json").read_text())["artifacts"].items()}
+    assert logged["metrics"]["hlf_accuracy"] == pytest.approx(report["hlf"]["accuracy"])
+    assert logged["hlf_classification"]["confusionMatrix"]["rows"][1]["row"] == report["hlf"]["confusion"][1]
+    assert logged["hlf_classification"]["confidenceMetrics"][-1]["recall"] == 1.0, "the ROC curve ends at (1, 1)"
+
+
+def test_pipeline_needs_its_extra_named(monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "kfp", None)
+    assert main(["pipeline", "compile", "--output", "/nonexistent/p.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'topoflow[pipeline]'" in err and "Traceback" not in err
