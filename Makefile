@@ -55,6 +55,7 @@ bench: install system-deps
 	$(BIN)/python benchmarks/ingest_throughput.py
 	$(BIN)/python benchmarks/input_pipeline.py
 	$(BIN)/python benchmarks/training_throughput.py
+	$(BIN)/python benchmarks/onnx_inference.py
 
 # The container images, one per dependency tier (needs a Docker engine with BuildKit).
 images:

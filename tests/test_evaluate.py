@@ -1,6 +1,7 @@
 """Evaluation: the report's numbers match independent computations, their uncertainties match the
-real spread, small test splits are called out, and a model folder that is damaged or belongs to
-other data is one clear error naming the URL and the fix."""
+real spread, small test splits are called out, a model folder that is damaged or belongs to other
+data is one clear error naming the URL and the fix, and an ingested dataset is judged through each
+model's own preprocessing."""
 
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ def test_small_test_split_is_called_out():
     y = np.repeat([0, 1, 2], [500, 100, 42])
     result = metrics(y, _random_scores(y))
     assert result["events_per_class"] == {"qcd": 500, "ttbar": 100, "wjets": 42}
-    assert len(result["cautions"]) == 1 and re.search(r"only 42 .*\(wjets\) events in the test split",
+    assert len(result["cautions"]) == 1 and re.search(r"only 42 .*\(wjets\) events evaluated",
                                                       result["cautions"][0])
     report_md = markdown({"hlf": result}, "s3://b/prepared")
     assert result["cautions"][0] in report_md and "test split of `s3://b/prepared` (642 events" in report_md
@@ -182,11 +183,11 @@ def test_damaged_model_folder_is_a_clear_cli_error(synthetic_prepared, trained, 
 
 
 def test_missing_model_folder_is_a_clear_error(tmp_path):
-    from topoflow.evaluate import load_model
+    from topoflow.export import load
 
     nowhere = str(tmp_path / "nowhere")
     with pytest.raises(BadInputError, match=f"(?s)no model.keras.*{re.escape(nowhere)}.*topoflow train"):
-        load_model(nowhere, Config())
+        load(nowhere, Config().storage)
 
 
 @pytest.mark.spark
@@ -209,3 +210,41 @@ def test_model_and_data_must_share_the_preprocessing(synthetic_prepared, trained
     assert code == 2 and "Traceback" not in err, err
     assert str(trained["hlf"]) in err and str(data) in err
     assert "evaluate on the dataset the model was trained on" in err and "retrain on this one" in err
+
+
+def _event_ids(url) -> list[tuple[str, int]]:
+    """(source_file, entry) of a dataset's events, in the order evaluation streams them."""
+    import pyarrow.parquet as pq
+
+    from topoflow.datasource import parquet_files
+
+    tables = [pq.read_table(p, columns=["source_file", "entry"]) for p in parquet_files(str(url), Config().storage)]
+    return [(f, e) for t in tables for f, e in zip(t["source_file"].to_pylist(), t["entry"].to_pylist())]
+
+
+@pytest.mark.spark
+def test_evaluate_on_an_ingested_dataset_applies_each_models_preprocessing(synthetic_prepared, trained,  # noqa: F811
+                                                                          tmp_path):
+    """The models judged on the raw events their data was prepared from: every event counts, and
+    an event of the prepared test split gets the probabilities it gets there."""
+    from topoflow.evaluate import evaluate, is_ingested, predict
+
+    ingested, sc = synthetic_prepared.parent / "in", Config().storage  # what the fixture prepared
+    assert is_ingested(str(ingested), sc) and not is_ingested(str(synthetic_prepared), sc)
+    assert not is_ingested(str(synthetic_prepared / "test"), sc), "a prepared split is scaled already"
+    cfg = Config()
+    cfg.evaluate.data, cfg.evaluate.output = str(ingested), str(tmp_path / "report")
+    cfg.evaluate.models = [str(trained[m]) for m in ("hlf", "inclusive")]
+    cfg.evaluate.batch_size = 100  # other batches (and padding) than the test split's
+    report = evaluate(cfg)
+    row = {event: i for i, event in enumerate(_event_ids(ingested))}
+    test_rows = [row[event] for event in _event_ids(synthetic_prepared / "test")]
+    for name in ("hlf", "inclusive"):
+        y, prob = report.curves[name]
+        assert len(y) == len(row) == 1200 and report.results[name]["events"] == 1200, "every event"
+        test_y, test_prob, _, _ = predict(str(trained[name]), str(synthetic_prepared), Config())
+        np.testing.assert_array_equal(y[test_rows], test_y)
+        np.testing.assert_allclose(prob[test_rows], test_prob, atol=1e-5)
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert f"on the ingested dataset `{ingested}`, every event (1,200 events" in md
+    assert "with each model's own preprocessing" in md and "test split of" not in md

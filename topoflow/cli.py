@@ -86,13 +86,17 @@ examples:
 """
 
 _EVALUATE_HELP = """\
-Evaluate exported models on the whole test split and write one report comparing them:
-per-class ROC AUC, accuracy, confusion matrix, the trigger view (signal efficiency at 1 % and
-10 % false-positive rate, false-positive rate at 99 % efficiency) as report.json, report.md and
-PNG plots (ROC per class, confusion, score distributions, training curves).
+Evaluate exported models on the whole test split of a prepared dataset (the model must have
+been trained on data with the same preprocessing), or on every event of an ingested dataset
+(each model applies its own preprocessing: judge a model on another sample, e.g. real Delphes
+files), and write one report comparing them: per-class ROC AUC with its bootstrap uncertainty,
+accuracy, confusion matrix, the trigger view (signal efficiency at 1 % and 10 % false-positive
+rate, false-positive rate at 99 % efficiency) as report.json, report.md and PNG plots (ROC per
+class, confusion, score distributions, training curves).
 
 examples:
   topoflow evaluate --model out/models/hlf --model out/models/inclusive
+  topoflow evaluate --model out/models/inclusive --data out/ingested-real-delphes --output out/report-real
 """
 
 
@@ -172,7 +176,8 @@ def _parser() -> argparse.ArgumentParser:
     ev = stage("evaluate", "trained models → comparative physics report", _EVALUATE_HELP, _run_evaluate, writes)
     ev.add_argument("--model", dest="models", action="append", metavar="URL",
                     help="exported model folder (repeatable; evaluate.models)")
-    ev.add_argument("--data", metavar="URL", help="prepared dataset (evaluate.data)")
+    ev.add_argument("--data", metavar="URL", help="prepared dataset (its test split is used) or an ingested "
+                    "one (every event, each model's own preprocessing) (evaluate.data)")
     ev.add_argument("--output", metavar="URL", help="report folder (evaluate.output)")
 
     pipe = stage("pipeline", "the Kubeflow pipeline: compile it, submit a run, or run it locally", _PIPELINE_HELP,

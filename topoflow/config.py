@@ -191,7 +191,8 @@ class TrainConfig(_Section):
 class EvaluateConfig(_Section):
     """What ``topoflow evaluate`` compares."""
 
-    data: str = Field("out/prepared", description="prepared dataset whose test split is used")
+    data: str = Field("out/prepared", description="a prepared dataset (its test split is used), or an "
+                      "ingested one (every event, with each model's own preprocessing)")
     models: list[str] = Field(default_factory=lambda: ["out/models/inclusive"], description="exported model folders")
     output: str = Field("out/report", description="URL of the report folder (JSON, Markdown, PNG)")
     batch_size: int = Field(1024, ge=1)

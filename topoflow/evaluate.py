@@ -1,7 +1,9 @@
-"""The evaluation stage: exported models predict on the full test split, judged the way physicists
-judge a trigger (the numbers: :mod:`topoflow.metrics`), and one JSON and Markdown report with PNG
-plots compares every model given. A model folder that is damaged or was trained on differently
-prepared data is one clear error naming it.
+"""The evaluation stage: exported models predict on the full test split of a prepared dataset, or
+on every event of an ingested one (each model applying its own preprocessing, so that a model is
+judged on another sample without re-preparing it), judged the way physicists judge a trigger (the
+numbers: :mod:`topoflow.metrics`), and one JSON and Markdown report with PNG plots compares every
+model given. A model folder that is damaged or was trained on differently prepared data is one
+clear error naming it.
 """
 
 from __future__ import annotations
@@ -13,71 +15,73 @@ from pathlib import Path
 
 import numpy as np
 
-from topoflow import CLASS_TITLES, CLASSES, dataset, plots, storage
-from topoflow.config import Config
+from topoflow import CLASS_TITLES, CLASSES, dataset, datasource, export, plots, storage
+from topoflow.config import Config, StorageConfig
 from topoflow.errors import BadInputError, ConfigError
-from topoflow.export import CARD
+from topoflow.features import HLF_NAMES, PARTICLE_NAMES
 from topoflow.metrics import RESAMPLES, SIGNALS, metrics
 from topoflow.preprocessing import FILE_NAME, Preprocessing
 
-MODEL_FILE = "model.keras"
-RE_EXPORT = "re-export the model with topoflow train"
-MODEL_FILES = {  # what an exported model folder must hold: file -> (problem when missing, fix)
-    MODEL_FILE: (f"no {MODEL_FILE}: no such folder, or not an exported model",
-                 "point --model at a folder written by topoflow train"),
-    f"{CARD}.json": (f"no {CARD}.json: not a folder written by topoflow train", RE_EXPORT),
-    FILE_NAME: (f"no {FILE_NAME}: the transform the model was trained with is unknown", RE_EXPORT),
-}
+RAW_COLUMNS = ["label", "hlf", "particles"]
 
 
-def load_model(url: str, cfg: Config) -> tuple[object, dict, Preprocessing]:
-    """The Keras model, model card and preprocessing of an exported model folder, so that a wrong or
-    damaged folder is one clear error naming ``url``. Keras' safe mode stays on: no code stored in
-    the file runs."""
-    from topoflow.tf import import_tensorflow
+def is_ingested(url: str, sc: StorageConfig) -> bool:
+    """Whether ``url`` holds raw (ingested) events rather than a prepared dataset: its manifest says
+    so, or, for data written by others, it has no preprocessing.json and the ingested columns. A
+    prepared split (already scaled, with ``n_particles``) is not: scaling it again would be wrong."""
+    import pyarrow.parquet as pq
 
-    import_tensorflow()
-    import keras
-
-    fs, path = storage.filesystem(url, cfg.storage)
+    fs, path = storage.filesystem(url, sc)
     with storage.storage_errors(url):
-        for name, (problem, fix) in MODEL_FILES.items():
-            if not fs.exists(storage.join(path, name)):
-                raise BadInputError(url, problem, fix)
-        try:
-            card = json.loads(fs.cat(storage.join(path, f"{CARD}.json")))
-        except ValueError as e:
-            raise BadInputError(storage.join(url, f"{CARD}.json"), f"unreadable model card: {e}", RE_EXPORT) from e
-        pre = Preprocessing.from_json(fs.cat(storage.join(path, FILE_NAME)).decode(), storage.join(url, FILE_NAME))
-        with tempfile.TemporaryDirectory() as tmp:
-            fs.get(storage.join(path, MODEL_FILE), f"{tmp}/{MODEL_FILE}")
-            try:
-                model = keras.saving.load_model(f"{tmp}/{MODEL_FILE}")
-            except Exception as e:  # Keras raises many types for a damaged file; its messages name our temp copy
-                raise BadInputError(storage.join(url, MODEL_FILE), f"Keras cannot load {MODEL_FILE} "
-                                    f"({type(e).__name__}): the file is truncated, corrupt or not a Keras model",
-                                    f"{RE_EXPORT}, or copy the whole folder again") from e
-    return model, card, pre
+        if fs.exists(storage.join(path, FILE_NAME)) or not fs.exists(path):
+            return False
+        manifest = storage.join(path, storage.MANIFEST)
+        stage = json.loads(fs.cat(manifest)).get("meta", {}).get("stage") if fs.exists(manifest) else None
+        if stage:
+            return stage == "ingest"
+        with fs.open(datasource.parquet_files(url, sc)[0]) as f:
+            columns = set(pq.read_schema(f).names)
+    return set(RAW_COLUMNS) <= columns and "n_particles" not in columns
+
+
+def raw_batches(url: str, sc: StorageConfig, batch_size: int):
+    """``(labels, hlf, particle rows, counts)`` per batch of an ingested dataset, as ingestion wrote
+    them (the arguments of :meth:`topoflow.export.Exported.predict`); one batch in memory at a time."""
+    import pyarrow.parquet as pq
+
+    fs, _ = storage.filesystem(url, sc)
+    for path in datasource.parquet_files(url, sc):
+        with storage.storage_errors(url), fs.open(path) as f:
+            for b in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=RAW_COLUMNS):
+                parts = b.column("particles")
+                yield (b.column("label").to_numpy(),
+                       np.asarray(b.column("hlf").flatten().to_numpy()).reshape(-1, len(HLF_NAMES)),
+                       np.asarray(parts.flatten().flatten().to_numpy()).reshape(-1, len(PARTICLE_NAMES)),
+                       np.diff(parts.offsets.to_numpy()))
 
 
 def predict(model_url: str, data_url: str, cfg: Config) -> tuple[np.ndarray, np.ndarray, dict, object]:
-    """Labels and probabilities on the test split of ``data_url`` for the exported model, which must
-    have been trained on data prepared with the same transform (else its inputs are mis-scaled and
-    its numbers meaningless)."""
-    model, card, pre = load_model(model_url, cfg)
-    ours, theirs = pre.fingerprint(), Preprocessing.load(data_url, cfg.storage).fingerprint()
-    if ours != theirs:
-        raise BadInputError(model_url, f"this model was trained with preprocessing {ours}, but the dataset "
-                            f"{data_url} was prepared with preprocessing {theirs}: its features would be scaled "
-                            "differently from what the model learnt",
-                            f"evaluate on the dataset the model was trained on ({card['data']}), "
-                            f"or retrain on this one (topoflow train --data {data_url})")
-    labels, probs = [], []
-    for x, y in dataset.iter_batches(storage.join(data_url, "test"), cfg.storage, cfg.evaluate.batch_size,
-                                     inputs=tuple(card["inputs"])):
-        probs.append(model.predict_on_batch(x))
-        labels.append(y.argmax(axis=1))
-    return np.concatenate(labels), np.concatenate(probs), card, model
+    """Labels and probabilities of the exported model, with its card and Keras model: on every event
+    of an ingested ``data_url`` through the model's own preprocessing, or on the test split of a
+    prepared one, which must have been prepared with the model's transform (else its inputs are
+    mis-scaled and its numbers meaningless)."""
+    exported = export.load(model_url, cfg.storage)
+    size = cfg.evaluate.batch_size
+    if is_ingested(data_url, cfg.storage):
+        batches = ((exported.predict(hlf, rows, counts), y) for y, hlf, rows, counts in
+                   raw_batches(data_url, cfg.storage, size))
+    else:
+        ours, theirs = exported.preprocessing.fingerprint(), Preprocessing.load(data_url, cfg.storage).fingerprint()
+        if ours != theirs:
+            raise BadInputError(model_url, f"this model was trained with preprocessing {ours}, but the dataset "
+                                f"{data_url} was prepared with preprocessing {theirs}: its features would be "
+                                "scaled differently from what the model learnt",
+                                f"evaluate on the dataset the model was trained on ({exported.card['data']}) or "
+                                f"on an ingested one, or retrain on this one (topoflow train --data {data_url})")
+        batches = ((exported.model.predict_on_batch(x), y.argmax(axis=1)) for x, y in dataset.iter_batches(
+            storage.join(data_url, "test"), cfg.storage, size, inputs=tuple(exported.card["inputs"])))
+    probs, labels = zip(*batches)
+    return np.concatenate(labels), np.concatenate(probs), exported.card, exported.model
 
 
 @dataclass
@@ -104,6 +108,7 @@ def evaluate(cfg: Config) -> Report:
         raise ConfigError("no models to evaluate: pass --model FOLDER (repeatable) or set evaluate.models")
     storage.check_output(ec.output, "evaluate", cfg.storage, inputs=[ec.data, *ec.models])
     results, curves = {}, {}
+    ingested = is_ingested(ec.data, cfg.storage)
     with tempfile.TemporaryDirectory(prefix="topoflow-report-") as tmp:
         folder = Path(tmp)
         for url in ec.models:
@@ -113,7 +118,7 @@ def evaluate(cfg: Config) -> Report:
             curves[name] = (y, prob)
         plots.report_plots(folder, results, curves)
         (folder / "report.json").write_text(json.dumps(results, indent=2, sort_keys=True))
-        (folder / "report.md").write_text(markdown(results, ec.data))
+        (folder / "report.md").write_text(markdown(results, ec.data, ingested))
         storage.publish_folder(str(folder), ec.output, cfg.storage, {"stage": "evaluate", "models": list(results)})
     return Report(ec.output, results, curves)
 
@@ -132,12 +137,15 @@ def _cautions(results: dict[str, dict]) -> list[str]:
     return list(dict.fromkeys(line for r in results.values() for line in r["cautions"]))
 
 
-def markdown(results: dict[str, dict], data: str) -> str:
+def markdown(results: dict[str, dict], data: str, ingested: bool = False) -> str:
     first = next(iter(results.values()))
     counts = ", ".join(f"{CLASS_TITLES[c]} {n:,}" for c, n in first["events_per_class"].items())
+    events = f"({first['events']:,} events: {counts})"
+    on = (f"the ingested dataset `{data}`, every event {events}, with each model's own preprocessing; a model "
+          "prepared from this dataset saw some of these events in training" if ingested else
+          f"the test split of `{data}` {events}, which no model saw in training")
     lines = ["# topoflow evaluation", "",
-             f"All numbers are on the test split of `{data}` ({first['events']:,} events: {counts}), which no "
-             f"model saw in training. AUC ± its standard deviation over {RESAMPLES} bootstrap resamples.",
+             f"All numbers are on {on}. AUC ± its standard deviation over {RESAMPLES} bootstrap resamples.",
              *(f"- **{line}**" for line in _cautions(results)), "",
              "## ROC AUC (one class against the rest) and accuracy", "",
              "| model | events | accuracy | " + " | ".join(CLASS_TITLES[c] for c in CLASSES) + " |",

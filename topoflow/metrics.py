@@ -52,7 +52,7 @@ def auc_std(is_signal: np.ndarray, score: np.ndarray, resamples: int = RESAMPLES
 
 def cautions(events_per_class: dict[str, int]) -> list[str]:
     """Classes whose test events are too few for their numbers to mean much."""
-    return [f"caution: only {n} {CLASS_TITLES[c]} ({c}) events in the test split (fewer than {MIN_TEST_EVENTS}): "
+    return [f"caution: only {n} {CLASS_TITLES[c]} ({c}) events evaluated (fewer than {MIN_TEST_EVENTS}): "
             "its AUC and efficiencies are statistically weak"
             for c, n in events_per_class.items() if n < MIN_TEST_EVENTS]
 

@@ -62,6 +62,28 @@ class Moments:
 
 @dataclass
 class Preprocessing:
+    """The serving contract: what a client sends for one event, and what happens to it before the model.
+
+    A client sends raw features exactly as ``topoflow ingest`` writes them, unscaled:
+
+    - ``hlf``: the 14 high-level features in the order of :data:`~topoflow.features.HLF_NAMES`;
+    - ``particles``: one row of the 19 features of :data:`~topoflow.features.PARTICLE_NAMES` per
+      particle, unpadded, sorted as ingestion sorts them (by decreasing ΔR to the selected lepton,
+      the lepton itself last).
+
+    The transform min-max scales the HLF with ``hlf_min``/``hlf_max`` (a feature constant in
+    training is only shifted) and standardises each particle row with ``particle_mean``/``particle_std``; the rows are
+    then padded with zero rows at the *end*, to the longest event of the batch (at most 801 rows: a
+    longer event keeps its last, nearest ones), and the models mask the padding.
+    :meth:`topoflow.export.Exported.model_inputs` does all of it. The parameters were fitted on the
+    training split only (``fitted_on`` says where).
+
+    On disk it is ``preprocessing.json`` (:meth:`to_json`): ``format`` "topoflow-preprocessing",
+    ``version`` 1, the class order, and per input the feature names, method and parameters.
+    :meth:`from_json` refuses another format or version, so a server never applies a transform it
+    does not understand; :meth:`fingerprint` identifies the transform itself.
+    """
+
     hlf_min: np.ndarray
     hlf_max: np.ndarray
     particle_mean: np.ndarray
