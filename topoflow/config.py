@@ -247,6 +247,15 @@ class Config(_Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
 
+    def public_dump(self, exclude: dict | None = None, **options) -> dict:
+        """The settings as JSON-ready data without any secret, whatever ``options`` (model_dump's)
+        say: what may travel in a pipeline spec or a pod's arguments (tasks read the secrets from
+        Kubernetes Secrets instead)."""
+        secrets: dict[str, Any] = {}
+        for section, name in _SECRETS:
+            secrets.setdefault(section, set()).add(name)
+        return self.model_dump(mode="json", exclude=secrets | (exclude or {}), **options)
+
     def to_yaml(self) -> str:
         """The effective configuration as YAML: secrets masked, settings taken from the environment say so."""
         data = self.model_dump(mode="json")
@@ -266,27 +275,29 @@ _SECRETS = frozenset(
 _STR_TAG, _NULL_TAG = "tag:yaml.org,2002:str", "tag:yaml.org,2002:null"
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read YAML ``path`` (optional), apply ``section.key=value`` overrides (values read as YAML, secrets as
-    written), validate. Errors name the setting and the fix, and never show a secret (hence ``from None``:
-    yaml's and pydantic's own messages quote the input)."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, text: str | None = None) -> Config:
+    """Read YAML ``path`` or ``text`` (optional; a pipeline step gets its config as text), apply
+    ``section.key=value`` overrides (values read as YAML, secrets as written), validate. Errors name the
+    setting and the fix, and never show a secret (hence ``from None``: yaml's and pydantic's own messages
+    quote the input)."""
     data: dict[str, Any] = {}
-    if path is not None:
+    where = f"in file {path}" if path is not None else "in the configuration text"
+    if path is not None or text is not None:
         try:
-            data = _parse_yaml(Path(path).read_text()) or {}
+            data = _parse_yaml(Path(path).read_text() if text is None else text) or {}
         except FileNotFoundError as e:
             raise ConfigError(f"config file not found: {str(path)!r}\ncreate it or drop --config") from e
         except (yaml.YAMLError, ValueError) as e:
-            raise ConfigError(f"config file is not valid YAML: {_yaml_problem(e)}\nin file {path}") from None
+            raise ConfigError(f"config file is not valid YAML: {_yaml_problem(e)}\n{where}") from None
         if not isinstance(data, dict):
-            raise ConfigError(f"config file must hold a mapping, not {type(data).__name__}\nin file {path}")
+            raise ConfigError(f"config file must hold a mapping, not {type(data).__name__}\n{where}")
     for item in overrides or []:
         _override(data, item)
     try:
         return Config.model_validate(data)
     except ValidationError as e:
-        where = f" in file {path}" if path else ""
-        raise ConfigError(f"invalid configuration{where}:\n" + "\n".join(map(_describe, e.errors()))) from None
+        located = f" {where}" if path is not None or text is not None else ""
+        raise ConfigError(f"invalid configuration{located}:\n" + "\n".join(map(_describe, e.errors()))) from None
 
 
 def _parse_yaml(text: str) -> Any:

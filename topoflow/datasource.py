@@ -219,6 +219,16 @@ def record_batch(labels, hlf: np.ndarray, rows: np.ndarray, counts: np.ndarray, 
     return pa.RecordBatch.from_arrays([cols[f.name] for f in schema], schema=schema)
 
 
+def feature_arrays(b: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The inverse of :func:`record_batch` for the features: HLF (n, 14), the particle rows of all
+    events back to back (sum(counts), 19), as float64, and the counts."""
+    n = b.num_rows
+    hlf = np.asarray(b.column("hlf").flatten().to_numpy(), dtype=np.float64).reshape(n, len(features.HLF_NAMES))
+    parts = b.column("particles")
+    rows = np.asarray(parts.flatten().flatten().to_numpy(), dtype=np.float64).reshape(-1, len(features.PARTICLE_NAMES))
+    return hlf, rows, np.diff(parts.offsets.to_numpy())
+
+
 @dataclass
 class PartWritten(WriterCommitMessage):
     name: str | None

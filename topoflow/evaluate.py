@@ -18,7 +18,6 @@ import numpy as np
 from topoflow import CLASS_TITLES, CLASSES, dataset, datasource, export, plots, storage
 from topoflow.config import Config, StorageConfig
 from topoflow.errors import BadInputError, ConfigError
-from topoflow.features import HLF_NAMES, PARTICLE_NAMES
 from topoflow.metrics import RESAMPLES, SIGNALS, metrics
 from topoflow.preprocessing import FILE_NAME, Preprocessing
 
@@ -35,8 +34,7 @@ def is_ingested(url: str, sc: StorageConfig) -> bool:
     with storage.storage_errors(url):
         if fs.exists(storage.join(path, FILE_NAME)) or not fs.exists(path):
             return False
-        manifest = storage.join(path, storage.MANIFEST)
-        stage = json.loads(fs.cat(manifest)).get("meta", {}).get("stage") if fs.exists(manifest) else None
+        stage = storage.output_stage(fs, path)
         if stage:
             return stage == "ingest"
         with fs.open(datasource.parquet_files(url, sc)[0]) as f:
@@ -53,11 +51,7 @@ def raw_batches(url: str, sc: StorageConfig, batch_size: int):
     for path in datasource.parquet_files(url, sc):
         with storage.storage_errors(url), fs.open(path) as f:
             for b in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=RAW_COLUMNS):
-                parts = b.column("particles")
-                yield (b.column("label").to_numpy(),
-                       np.asarray(b.column("hlf").flatten().to_numpy()).reshape(-1, len(HLF_NAMES)),
-                       np.asarray(parts.flatten().flatten().to_numpy()).reshape(-1, len(PARTICLE_NAMES)),
-                       np.diff(parts.offsets.to_numpy()))
+                yield (b.column("label").to_numpy(), *datasource.feature_arrays(b))
 
 
 def predict(model_url: str, data_url: str, cfg: Config) -> tuple[np.ndarray, np.ndarray, dict, object]:

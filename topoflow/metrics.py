@@ -21,11 +21,16 @@ RESAMPLES = 200  # bootstrap resamples per AUC uncertainty
 
 def roc_curve(is_signal: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """False- and true-positive rates at every distinct score threshold, from (0, 0) to (1, 1)."""
+    return roc_points(is_signal, score)[:2]
+
+
+def roc_points(is_signal: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`roc_curve` with the score threshold of each point (1 for the first, which no score passes)."""
     order = np.argsort(-score, kind="stable")
     y, s = is_signal[order].astype(np.float64), score[order]
     last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # last index of each distinct score
     tps, fps = np.cumsum(y)[last], np.cumsum(1 - y)[last]
-    return np.r_[0.0, fps / max(fps[-1], 1)], np.r_[0.0, tps / max(tps[-1], 1)]
+    return np.r_[0.0, fps / max(fps[-1], 1)], np.r_[0.0, tps / max(tps[-1], 1)], np.r_[1.0, s[last]]
 
 
 def auc_std(is_signal: np.ndarray, score: np.ndarray, resamples: int = RESAMPLES, seed: int = 0) -> float:

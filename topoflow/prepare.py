@@ -20,7 +20,6 @@ import pyarrow as pa
 from topoflow import CLASSES, __version__, datasource, storage
 from topoflow.config import Config
 from topoflow.errors import BadInputError
-from topoflow.features import HLF_NAMES, PARTICLE_NAMES
 from topoflow.preprocessing import FILE_NAME, Moments, Preprocessing
 from topoflow.progress import spark_progress
 from topoflow.spark import job_error
@@ -166,19 +165,11 @@ def _row_ids(hlf: np.ndarray) -> np.ndarray:
     return (h >> np.uint64(1)).astype(np.int64)
 
 
-def _arrays(b: pa.RecordBatch):
-    n = b.num_rows
-    hlf = np.asarray(b.column("hlf").flatten().to_numpy(), dtype=np.float64).reshape(n, len(HLF_NAMES))
-    parts = b.column("particles")
-    rows = np.asarray(parts.flatten().flatten().to_numpy(), dtype=np.float64).reshape(-1, len(PARTICLE_NAMES))
-    return hlf, rows, np.diff(parts.offsets.to_numpy())
-
-
 def _moments(batches):
     """Per-partition statistics of the training split: HLF ranges, particle moments (real rows only)."""
     hlf_m = part_m = None
     for b in batches:
-        hlf, rows, _ = _arrays(b)
+        hlf, rows, _ = datasource.feature_arrays(b)
         h, p = Moments.of(hlf), Moments.of(rows)
         hlf_m, part_m = (h, p) if hlf_m is None else (hlf_m.merge(h), part_m.merge(p))
     if hlf_m is not None:
@@ -203,7 +194,7 @@ def _scaler(artifact: str):
     def apply(batches):
         pre = Preprocessing.from_json(artifact)
         for b in batches:
-            hlf, rows, counts = _arrays(b)
+            hlf, rows, counts = datasource.feature_arrays(b)
             if not (np.isfinite(hlf).all() and np.isfinite(rows).all()):
                 bad = int(np.flatnonzero(~np.isfinite(hlf).all(axis=1) | ~_rows_finite(rows, counts))[0])
                 raise BadInputError(b.column("source_file")[bad].as_py(),

@@ -26,8 +26,6 @@ import threading
 import time
 import uuid
 
-from pydantic import SecretStr
-
 from topoflow import images
 from topoflow.config import Config
 from topoflow.errors import ConfigError, TopoflowError
@@ -138,10 +136,10 @@ def _settings(cfg: Config) -> list[str]:
     """``--set section.key=<json>`` for each setting that differs from its default, secrets left out (the
     driver reads them from the Secret's environment), the pipeline section left out (it concerns this launcher)
     and the master pointed at the cluster."""
-    data = cfg.model_dump(exclude_defaults=True, exclude={"pipeline"})
+    data = cfg.public_dump(exclude_defaults=True, exclude={"pipeline": True})
     data.setdefault("spark", {})["master"] = IN_CLUSTER_MASTER
     return [arg for section, values in data.items() for key, value in values.items()
-            if not isinstance(value, SecretStr) for arg in ("--set", f"{section}.{key}={json.dumps(value)}")]
+            for arg in ("--set", f"{section}.{key}={json.dumps(value)}")]
 
 
 def _wait(crd, namespace: str, name: str, timeout_s: float | None, poll_s: float, log) -> dict:

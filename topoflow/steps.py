@@ -10,28 +10,18 @@ from __future__ import annotations
 
 import base64
 import json
-import tempfile
+from html import escape as html_escape
 from pathlib import Path
 
 
 from topoflow import CLASSES, images, storage
 from topoflow.config import Config, load_config
 
-SECRET_FIELDS = {"s3_access_key_id", "s3_secret_access_key"}
-
-
 def config_text(cfg: Config) -> str:
     """The configuration for a pipeline parameter: never a secret (tasks get them from Kubernetes
     Secrets as environment variables). One line of JSON, which YAML reads: kfp copies a default
     value into a comment of the compiled file, and a multi-line one would break that file."""
-    return json.dumps(cfg.model_dump(mode="json", exclude={"storage": SECRET_FIELDS}), sort_keys=True)
-
-
-def config_from_text(text: str) -> Config:
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
-        f.write(text)
-        f.flush()
-        return load_config(f.name)
+    return json.dumps(cfg.public_dump(), sort_keys=True)
 
 
 def record(artifact, url: str, text: str) -> None:
@@ -41,7 +31,7 @@ def record(artifact, url: str, text: str) -> None:
     Path(artifact.path).parent.mkdir(parents=True, exist_ok=True)
     content = json.dumps({"url": url}).encode()
     if url:
-        fs, path = storage.filesystem(url, config_from_text(text).storage)
+        fs, path = storage.filesystem(url, load_config(text=text).storage)
         manifest = storage.join(path, storage.MANIFEST)
         content = fs.cat(manifest) if fs.exists(manifest) else content
     Path(artifact.path).write_bytes(content)
@@ -49,7 +39,7 @@ def record(artifact, url: str, text: str) -> None:
 
 def generate(text: str) -> str:
     """Generated Delphes-format files (``pipeline.generate``), or "" to read ``ingest.datasets``."""
-    cfg = config_from_text(text)
+    cfg = load_config(text=text)
     if not cfg.pipeline.generate:
         return ""
     from topoflow.generate import generate as run
@@ -59,7 +49,7 @@ def generate(text: str) -> str:
 
 
 def ingest(text: str, generated: str = "") -> str:
-    cfg = config_from_text(text)
+    cfg = load_config(text=text)
     if generated:
         cfg.ingest.datasets = {c: [storage.join(generated, f"{c}_*.root")] for c in CLASSES}
     _spark_stage("ingest", cfg)
@@ -67,7 +57,7 @@ def ingest(text: str, generated: str = "") -> str:
 
 
 def prepare(text: str, ingested: str) -> str:
-    cfg = config_from_text(text)
+    cfg = load_config(text=text)
     cfg.prepare.input = ingested
     _spark_stage("prepare", cfg)
     return cfg.prepare.output
@@ -77,7 +67,7 @@ def train(text: str, prepared: str, model: str) -> str:
     """Train ``model``; a retried pod that finds its checkpoint (on a volume) continues it."""
     from topoflow.train import STATE, train as run
 
-    cfg = config_from_text(text)
+    cfg = load_config(text=text)
     cfg.train.data, cfg.train.model = prepared, model
     state = Path(cfg.train.resolved(cfg.train.checkpoint_dir)) / STATE
     return run(cfg, resume=state.exists(), show_progress=False).output
@@ -89,9 +79,9 @@ def evaluate(text: str, prepared: str, models: dict[str, str], metrics=None, cla
     and the tt̄ ROC curve per model (``classification``: name → artifact), the report as Markdown
     and as HTML with its plots."""
     from topoflow.evaluate import evaluate as run
-    from topoflow.metrics import roc_curve
+    from topoflow.metrics import roc_points
 
-    cfg = config_from_text(text)
+    cfg = load_config(text=text)
     cfg.evaluate.data, cfg.evaluate.models = prepared, list(models.values())
     report = run(cfg)
     for name, r in report.results.items():
@@ -105,10 +95,9 @@ def evaluate(text: str, prepared: str, models: dict[str, str], metrics=None, cla
             out.log_confusion_matrix(list(CLASSES), r["confusion"])
             y, prob = report.curves[name]
             k = CLASSES.index("ttbar")
-            fpr, tpr = roc_curve(y == k, prob[:, k])
-            keep = _thin(len(fpr))
-            thresholds = [float(t) for t in _thresholds(prob[:, k], len(fpr))[keep]]
-            out.log_roc_curve([float(v) for v in fpr[keep]], [float(v) for v in tpr[keep]], thresholds)
+            points = roc_points(y == k, prob[:, k])
+            keep = _thin(len(points[0]))
+            out.log_roc_curve(*([float(v) for v in p[keep]] for p in points))
     fs, path = storage.filesystem(report.output, cfg.storage)
     text_md = fs.cat(storage.join(path, "report.md")).decode()
     if markdown is not None:
@@ -117,7 +106,7 @@ def evaluate(text: str, prepared: str, models: dict[str, str], metrics=None, cla
         pictures = "".join(
             f'<img src="data:image/png;base64,{base64.b64encode(fs.cat(p)).decode()}" style="max-width:48%">'
             for p in sorted(fs.glob(storage.join(path, "*.png"))))
-        Path(html.path).write_text(f"<html><body><pre>{_escape(text_md)}</pre>{pictures}</body></html>")
+        Path(html.path).write_text(f"<html><body><pre>{html_escape(text_md, quote=False)}</pre>{pictures}</body></html>")
     return report
 
 
@@ -126,18 +115,6 @@ def _thin(n: int, most: int = 200):
     import numpy as np
 
     return np.unique(np.linspace(0, n - 1, min(n, most)).round().astype(int))
-
-
-def _thresholds(score, n: int):
-    """The score threshold at each point of :func:`topoflow.metrics.roc_curve` (1 above the first)."""
-    import numpy as np
-
-    distinct = np.unique(score)[::-1]
-    return np.r_[1.0, distinct][:n]
-
-
-def _escape(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def _spark_stage(stage: str, cfg: Config) -> None:

@@ -259,16 +259,21 @@ def _contains(outer: str, inner: str) -> bool:
         return False
     inner = inner[: min((inner.find(c) for c in "*?[" if c in inner), default=len(inner))]
     if protocol(outer) == "file":
-        a, b = (Path(urlsplit(u).path if u.startswith("file:") else u).resolve() for u in (outer, inner))
+        a, b = _local_path(outer), _local_path(inner)
         return b == a or a in b.parents
     a, b = outer.rstrip("/"), inner.rstrip("/")
     return b == a or b.startswith(a + "/")
 
 
+def _local_path(url: str) -> Path:
+    """The absolute path a local path or ``file://`` URL names."""
+    return Path(urlsplit(url).path if url.startswith("file:") else url).resolve()
+
+
 def _check_writable(url: str) -> None:
     """Write a probe beside the local output (where its staging area goes), so a read-only or
     forbidden location fails now rather than after all the reading is done."""
-    parent = Path(urlsplit(url).path if url.startswith("file:") else url).resolve().parent
+    parent = _local_path(url).parent
     while not parent.exists():
         parent = parent.parent
     try:
