@@ -100,7 +100,7 @@ def large_files(delphes_dir: Path, out_dir: Path, events_per_file: int, files_pe
         tree = uproot.open(delphes_dir / name)["Delphes"]
         reps = -(-events_per_file // tree.num_entries)
         data = {}
-        for coll, fields in delphes.FIELDS.items():
+        for coll, fields in features.FIELDS.items():
             fields = (*fields, "Charge") if coll == "EFlowTrack" else fields
             data[coll] = ak.zip({f: ak.concatenate([tree[f"{coll}.{f}"].array()] * reps)[:events_per_file]
                                  for f in fields})

@@ -9,7 +9,7 @@ import awkward as ak
 import numpy as np
 import uproot
 
-from topoflow.delphes import FIELDS
+from topoflow.features import FIELDS
 
 
 def truncated(src: Path, dst: Path) -> Path:

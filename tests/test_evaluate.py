@@ -200,7 +200,7 @@ def test_model_and_data_must_share_the_preprocessing(synthetic_prepared, trained
     pre = Preprocessing.load(str(data), Config().storage)
     pre.fitted_on = {"source": "elsewhere"}
     (data / "preprocessing.json").write_text(pre.to_json())
-    y, prob, _, _ = predict(str(trained["hlf"]), str(data), Config())
+    y, prob, _ = predict(str(trained["hlf"]), str(data), Config())
     assert len(y) == len(prob) > 0
 
     pre.hlf_max = pre.hlf_max * 2  # as if prepared from other events
@@ -242,7 +242,7 @@ def test_evaluate_on_an_ingested_dataset_applies_each_models_preprocessing(synth
     for name in ("hlf", "inclusive"):
         y, prob = report.curves[name]
         assert len(y) == len(row) == 1200 and report.results[name]["events"] == 1200, "every event"
-        test_y, test_prob, _, _ = predict(str(trained[name]), str(synthetic_prepared), Config())
+        test_y, test_prob, _ = predict(str(trained[name]), str(synthetic_prepared), Config())
         np.testing.assert_array_equal(y[test_rows], test_y)
         np.testing.assert_allclose(prob[test_rows], test_prob, atol=1e-5)
     md = (tmp_path / "report" / "report.md").read_text()

@@ -75,7 +75,7 @@ def test_flat_uproot_file_reads_like_real_delphes(delphes_dir, tmp_path):
     same features as the real file they were copied from."""
     src = delphes_dir / SAMPLES["wjets"]
     tree = uproot.open(src)["Delphes"]
-    fields = {c: fs for c, fs in delphes.FIELDS.items()}
+    fields = {c: fs for c, fs in features.FIELDS.items()}
     fields["EFlowTrack"] = (*fields["EFlowTrack"], "PID")
     out = tmp_path / "flat.root"
     with uproot.recreate(out) as f:

@@ -198,6 +198,55 @@ class EvaluateConfig(_Section):
     batch_size: int = Field(1024, ge=1)
 
 
+class PredictConfig(_Section):
+    """What ``topoflow predict`` scores and writes."""
+
+    model: str = Field("out/models/inclusive", description="exported model folder")
+    inputs: list[str] = Field(default_factory=list, description="URLs or globs of Delphes ROOT files, or one "
+                              "ingested dataset")
+    output: str = Field("out/predictions", description="URL of the Parquet predictions to write")
+    batch_size: int = Field(2_000, ge=1, description="events read, selected and scored together")
+
+
+class ServeConfig(_Section):
+    """How ``topoflow serve`` answers (KServe V1/V2 REST and V2 gRPC)."""
+
+    model: str = Field("out/models/inclusive", description="exported model folder (any URL)")
+    name: str = Field("topoflow", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+                      description="the model's name in request paths (/v2/models/NAME/infer)")
+    backend: Literal["onnx", "saved_model"] = Field("onnx", description="onnx: ONNX Runtime, the native GRU "
+                                                    "(fast); saved_model: TensorFlow")
+    host: str = Field("127.0.0.1", description="listen address (0.0.0.0 in a container)")
+    http_port: int = Field(8080, ge=0, le=65535)
+    grpc_port: int = Field(8081, ge=0, le=65535)
+    threads: int | None = Field(None, ge=1, description="inference threads (default: all cores)")
+    max_batch_events: int = Field(256, ge=1, description="most events the batcher runs together")
+    max_wait_ms: float = Field(2.0, ge=0, le=1000, description="longest a request waits for others to join "
+                               "its batch")
+    max_events_per_request: int = Field(4096, ge=1)
+    max_request_bytes: int = Field(16 * 2**20, ge=1024, description="largest request body accepted")
+
+
+class DeployConfig(_Section):
+    """Whether and how the pipeline deploys the best model as a KServe InferenceService."""
+
+    enabled: bool = Field(True, description="deploy when the best model passes min_auc")
+    min_auc: float = Field(0.95, ge=0, le=1, description="deploy only a model whose smallest per-class "
+                           "test AUC reaches this")
+    name: str = Field("topoflow", pattern=r"^[a-z]([-a-z0-9]*[a-z0-9])?$", description="InferenceService name")
+    runtime: Literal["topoflow", "triton"] = Field(
+        "topoflow", description="topoflow: the custom predictor (raw events and features); triton: KServe's "
+        "Triton runtime on the ONNX export (features only)")
+    service_account: str = Field("topoflow-serve", description="service account with the model storage's "
+                                 "credentials (KServe's storage initializer reads them)")
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(4, ge=1)
+    concurrency_target: int = Field(32, ge=1, description="in-flight requests per replica before scaling out")
+    cpu: str = "2"
+    memory: str = "2Gi"
+    timeout_s: int = Field(600, ge=1, description="how long to wait for the InferenceService to be Ready")
+
+
 class Toleration(_Section):
     key: str
     operator: Literal["Exists", "Equal"] = "Exists"
@@ -245,6 +294,9 @@ class Config(_Section):
     prepare: PrepareConfig = Field(default_factory=PrepareConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    predict: PredictConfig = Field(default_factory=PredictConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    deploy: DeployConfig = Field(default_factory=DeployConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
 
     def public_dump(self, exclude: dict | None = None, **options) -> dict:

@@ -16,25 +16,15 @@ import pyarrow as pa
 from topoflow import CLASSES, datasource, storage
 from topoflow.config import StorageConfig
 from topoflow.features import HLF_NAMES, PARTICLE_NAMES
+from topoflow.preprocessing import MAX_PARTICLES, pad
 
-MAX_PARTICLES = 801
 INPUTS = ("hlf", "particles")
 
 
 def pad_particles(particles: pa.ListArray, max_len: int = MAX_PARTICLES) -> np.ndarray:
-    """(batch, longest, 19) float32, zero rows appended at the end. Longer sequences keep their
-    last ``max_len`` rows: the lepton is last and the farthest particles come first."""
-    counts = np.diff(particles.offsets.to_numpy())
-    n = len(counts)
-    length = int(min(counts.max(initial=0), max_len))
-    out = np.zeros((n, length, len(PARTICLE_NAMES)), dtype=np.float32)
-    values = np.asarray(particles.flatten().flatten().to_numpy(), dtype=np.float32).reshape(-1, len(PARTICLE_NAMES))
-    event = np.repeat(np.arange(n), counts)
-    pos = np.arange(len(values)) - np.repeat(np.cumsum(counts) - counts, counts)  # index inside the event
-    pos -= np.repeat(np.maximum(counts - length, 0), counts)  # truncation drops the first rows
-    keep = pos >= 0
-    out[event[keep], pos[keep]] = values[keep]
-    return out
+    """:func:`topoflow.preprocessing.pad` for an Arrow list column of particle rows."""
+    rows = np.asarray(particles.flatten().flatten().to_numpy(), dtype=np.float32).reshape(-1, len(PARTICLE_NAMES))
+    return pad(rows, np.diff(particles.offsets.to_numpy()), max_len)
 
 
 def _to_arrays(batch: pa.RecordBatch, inputs, max_len: int) -> tuple[dict[str, np.ndarray], np.ndarray]:

@@ -20,20 +20,11 @@ import uproot
 
 from topoflow.config import StorageConfig
 from topoflow.errors import BadInputError, StorageError
+from topoflow.features import FIELDS
 from topoflow.storage import filesystem, fs_options, protocol, storage_errors
 
 TREE = "Delphes"
 
-#: Leaves read from each collection (only these are read: real files hold ~80 KB/event in all).
-FIELDS = {
-    "EFlowTrack": ("PT", "Eta", "Phi", "X", "Y", "Z"),
-    "EFlowPhoton": ("ET", "Eta", "Phi"),
-    "EFlowNeutralHadron": ("ET", "Eta", "Phi"),
-    "Electron": ("PT", "Eta", "Phi", "Charge"),
-    "Muon": ("PT", "Eta", "Phi", "Charge"),
-    "Jet": ("PT", "Eta", "BTag"),
-    "MissingET": ("MET", "Phi"),
-}
 
 # What a damaged file raises while being decoded (zlib: a corrupt compressed basket).
 _DECODE_ERRORS = (OSError, ValueError, zlib.error, uproot.deserialization.DeserializationError)

@@ -54,8 +54,8 @@ def raw_batches(url: str, sc: StorageConfig, batch_size: int):
                 yield (b.column("label").to_numpy(), *datasource.feature_arrays(b))
 
 
-def predict(model_url: str, data_url: str, cfg: Config) -> tuple[np.ndarray, np.ndarray, dict, object]:
-    """Labels and probabilities of the exported model, with its card and Keras model: on every event
+def predict(model_url: str, data_url: str, cfg: Config) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Labels and probabilities of the exported model, with its card: on every event
     of an ingested ``data_url`` through the model's own preprocessing, or on the test split of a
     prepared one, which must have been prepared with the model's transform (else its inputs are
     mis-scaled and its numbers meaningless)."""
@@ -72,10 +72,10 @@ def predict(model_url: str, data_url: str, cfg: Config) -> tuple[np.ndarray, np.
                                 "scaled differently from what the model learnt",
                                 f"evaluate on the dataset the model was trained on ({exported.card['data']}) or "
                                 f"on an ingested one, or retrain on this one (topoflow train --data {data_url})")
-        batches = ((exported.model.predict_on_batch(x), y.argmax(axis=1)) for x, y in dataset.iter_batches(
-            storage.join(data_url, "test"), cfg.storage, size, inputs=tuple(exported.card["inputs"])))
+        batches = ((exported.run(x), y.argmax(axis=1)) for x, y in dataset.iter_batches(
+            storage.join(data_url, "test"), cfg.storage, size, inputs=exported.inputs))
     probs, labels = zip(*batches)
-    return np.concatenate(labels), np.concatenate(probs), exported.card, exported.model
+    return np.concatenate(labels), np.concatenate(probs), exported.card
 
 
 @dataclass
@@ -106,7 +106,7 @@ def evaluate(cfg: Config) -> Report:
     with tempfile.TemporaryDirectory(prefix="topoflow-report-") as tmp:
         folder = Path(tmp)
         for url in ec.models:
-            y, prob, card, _ = predict(url, ec.data, cfg)
+            y, prob, card = predict(url, ec.data, cfg)
             name = card["model"] if card["model"] not in results else url.rstrip("/").rsplit("/", 1)[-1]
             results[name] = metrics(y, prob) | {"model_url": url, "history": card.get("history", {})}
             curves[name] = (y, prob)

@@ -2,10 +2,10 @@
 
     model.keras  saved_model/  model.onnx  preprocessing.json  model_card.json  model_card.md
 
-This module owns that folder: :func:`export` writes it and :func:`load` reads it back. The
-preprocessing artifact travels with the model, and :meth:`Exported.predict` applies it to raw
-features, so that evaluation and serving apply exactly the transform the model was trained with,
-through one code path.
+This module owns that folder: :func:`export` writes it and :func:`load` reads it back, run by Keras,
+ONNX Runtime or TensorFlow (``backend``). The preprocessing artifact travels with the model, and
+:meth:`Exported.predict` applies it to raw features, so that evaluation, prediction and serving
+apply exactly the transform the model was trained with, through one code path.
 """
 
 from __future__ import annotations
@@ -15,18 +15,16 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Callable
 
 import numpy as np
-import pyarrow as pa
 
 from topoflow import CLASSES, __version__, storage
 from topoflow.config import Config, StorageConfig
-from topoflow.dataset import pad_particles
 from topoflow.errors import BadInputError
-from topoflow.features import PARTICLE_NAMES
-from topoflow.onnx_export import to_onnx
-from topoflow.preprocessing import FILE_NAME, Preprocessing
+from topoflow.extras import require
+from topoflow.onnx_export import OUTPUT, to_onnx
+from topoflow.preprocessing import FILE_NAME, Preprocessing, pad
 
 CARD = "model_card"
 CARD_FORMAT, CARD_VERSION = "topoflow-model-card", 1
@@ -105,14 +103,24 @@ split is never seen in training: `topoflow evaluate` reports on it.
 """
 
 
+BACKENDS = ("keras", "onnx", "saved_model")  # what runs the model: its file in the folder
+ONNX_FILE, SAVED_MODEL = "model.onnx", "saved_model"
+Runner = Callable[[dict[str, np.ndarray]], np.ndarray]  # model inputs -> probabilities (n, 3)
+
+
 @dataclass
 class Exported:
-    """An exported model folder, read back and checked by :func:`load`."""
+    """An exported model folder, read back and checked by :func:`load`, ready to predict."""
 
-    model: Any  # keras.Model
+    run: Runner
     card: dict
     preprocessing: Preprocessing
     url: str
+    backend: str = "keras"
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return tuple(self.card["inputs"])
 
     def model_inputs(self, hlf: np.ndarray, rows: np.ndarray, counts: np.ndarray) -> dict[str, np.ndarray]:
         """The model's inputs for raw features as ingestion writes them (see :class:`Preprocessing`):
@@ -120,34 +128,125 @@ class Exported:
         ``(sum(counts), 19)`` and ``counts`` per event. Scaled by the model's own preprocessing and
         padded at the end to the batch's longest event, as training saw them."""
         x = {}
-        if "hlf" in self.card["inputs"]:
+        if "hlf" in self.inputs:
             x["hlf"] = self.preprocessing.transform_hlf(hlf)
-        if "particles" in self.card["inputs"]:
-            scaled = pa.array(self.preprocessing.transform_particles(rows).ravel())
-            offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]), pa.int32())
-            x["particles"] = pad_particles(pa.ListArray.from_arrays(
-                offsets, pa.FixedSizeListArray.from_arrays(scaled, len(PARTICLE_NAMES))))
+        if "particles" in self.inputs:
+            x["particles"] = pad(self.preprocessing.transform_particles(rows), counts)
         return x
 
-    def predict(self, hlf: np.ndarray, rows: np.ndarray, counts: np.ndarray) -> np.ndarray:
-        """Softmax probabilities ``(n, 3)`` for one batch of raw events (arguments of :meth:`model_inputs`)."""
-        return self.model.predict_on_batch(self.model_inputs(hlf, rows, counts))
+    def predict(self, hlf: np.ndarray, rows: np.ndarray, counts: np.ndarray, batch: int = 256) -> np.ndarray:
+        """Softmax probabilities ``(n, 3)`` float32 for raw events (arguments of :meth:`model_inputs`).
+
+        Events run ``batch`` at a time in order of length, so that a batch is padded only to
+        events of about its own length: a batch costs about the sum of its events' lengths, never
+        ``batch`` x the longest event of the call. No empty batch is ever run."""
+        counts = np.asarray(counts, dtype=np.int64)
+        out = np.empty((len(counts), len(self.card["classes"])), dtype=np.float32)
+        order = np.argsort(counts, kind="stable") if "particles" in self.inputs else np.arange(len(counts))
+        starts = np.cumsum(counts) - counts
+        for first in range(0, len(order), batch):
+            idx = order[first:first + batch]
+            c = counts[idx]
+            row_idx = np.repeat(starts[idx] - (np.cumsum(c) - c), c) + np.arange(c.sum())
+            out[idx] = self.run(self.model_inputs(hlf[idx], rows[row_idx], c))
+        return out
+
+    def predict_padded(self, hlf: np.ndarray, particles: np.ndarray, lengths: np.ndarray | None = None,
+                       batch: int = 256) -> np.ndarray:
+        """:meth:`predict` for particles given padded at the end ``(n, L, 19)``, with each event's
+        ``lengths`` (default: up to its last row that is not all zeros)."""
+        n, length = particles.shape[:2]
+        if lengths is None:
+            real = np.any(particles != 0, axis=2)
+            lengths = np.where(real.any(axis=1), length - np.argmax(real[:, ::-1], axis=1), 0)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        rows = particles[np.arange(length)[None, :] < lengths[:, None]]
+        return self.predict(hlf, rows, lengths, batch)
 
 
-def load(url: str, sc: StorageConfig) -> Exported:
-    """The exported model folder at ``url``, checked so that a wrong, damaged or foreign folder is one
-    clear error naming ``url`` and the fix: the files are there, the card and preprocessing are of
-    versions this topoflow knows, and the card describes this model. Nothing in the folder runs: only
-    JSON and ``model.keras`` are read, the latter with Keras' safe mode (no pickled or marshalled code)."""
+def _keras(fs, path: str, url: str, threads: int | None) -> Runner:
+    """The Keras model: only ``model.keras`` is read, with safe mode (no pickled or marshalled code)."""
     from topoflow.tf import import_tensorflow
 
     import_tensorflow()
     import keras
 
+    with tempfile.TemporaryDirectory() as tmp:
+        fs.get(storage.join(path, MODEL_FILE), f"{tmp}/{MODEL_FILE}")
+        try:  # inference only: the optimizer and loss are not restored
+            model = keras.saving.load_model(f"{tmp}/{MODEL_FILE}", compile=False, safe_mode=True)
+        except Exception as e:  # Keras raises many types for a damaged file; its messages name our temp copy
+            raise BadInputError(storage.join(url, MODEL_FILE), f"Keras cannot load {MODEL_FILE} "
+                                f"({type(e).__name__}): the file is truncated, corrupt or not a Keras model, "
+                                "or holds code (a Lambda layer), which safe mode does not run",
+                                f"{RE_EXPORT}, or copy the whole folder again") from e
+    def run(x: dict[str, np.ndarray]) -> np.ndarray:
+        return model.predict_on_batch(x)
+
+    run.input_shapes = _inputs(model)
+    return run
+
+
+def _onnx(fs, path: str, url: str, threads: int | None) -> Runner:
+    """ONNX Runtime on ``model.onnx`` (the native GRU op, see :mod:`topoflow.onnx_export`)."""
+    ort = require("onnxruntime", "serve")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads or 0, 1
+    opts.log_severity_level = 3  # errors only: its warnings about unused initializers are noise
+    try:
+        sess = ort.InferenceSession(fs.cat(storage.join(path, ONNX_FILE)), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT's own error types (Fail, InvalidGraph, ...) for a damaged file
+        raise BadInputError(storage.join(url, ONNX_FILE), f"ONNX Runtime cannot load {ONNX_FILE}: {_first_line(e)}",
+                            f"{RE_EXPORT}, or copy the whole folder again") from e
+
+    def run(x: dict[str, np.ndarray]) -> np.ndarray:
+        return sess.run([OUTPUT], x)[0]
+
+    run.input_shapes = {i.name: [d if isinstance(d, int) else None for d in i.shape] for i in sess.get_inputs()}
+    return run
+
+
+def _saved_model(fs, path: str, url: str, threads: int | None) -> Runner:
+    """The TensorFlow SavedModel's ``serving_default`` signature (Keras' export)."""
+    from topoflow.tf import import_tensorflow
+
+    tf = import_tensorflow()
+    with tempfile.TemporaryDirectory() as tmp:
+        fs.get(storage.join(path, SAVED_MODEL), f"{tmp}/{SAVED_MODEL}", recursive=True)
+        try:
+            serve = tf.saved_model.load(f"{tmp}/{SAVED_MODEL}").signatures["serving_default"]
+        except Exception as e:  # TF raises many types for a damaged SavedModel
+            raise BadInputError(storage.join(url, SAVED_MODEL), f"TensorFlow cannot load {SAVED_MODEL}/: "
+                                f"{_first_line(e)}", f"{RE_EXPORT}, or copy the whole folder again") from e
+    (output,) = serve.structured_outputs
+
+    def run(x: dict[str, np.ndarray]) -> np.ndarray:
+        return serve(**x)[output].numpy()
+
+    run.input_shapes = {k: list(v.shape) for k, v in serve.structured_input_signature[1].items()}
+    return run
+
+
+_RUNNERS = {"keras": (_keras, MODEL_FILE), "onnx": (_onnx, ONNX_FILE), "saved_model": (_saved_model, SAVED_MODEL)}
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
+def load(url: str, sc: StorageConfig, backend: str = "keras", threads: int | None = None) -> Exported:
+    """The exported model folder at ``url``, run by ``backend`` (one of :data:`BACKENDS`; ``threads``:
+    ONNX Runtime's intra-op threads, default all cores), checked so that a wrong, damaged or foreign folder is
+    one clear error naming ``url`` and the fix: the files are there, the card and preprocessing are
+    of versions this topoflow knows, and the card describes this model. Nothing in the folder runs:
+    only JSON and the backend's model file are read (Keras with its safe mode)."""
+    if backend not in _RUNNERS:
+        raise BadInputError(url, f"unknown backend {backend!r}", f"use one of {list(BACKENDS)}")
     fs, path = storage.filesystem(url, sc)
     card_url = storage.join(url, f"{CARD}.json")
+    reader, model_file = _RUNNERS[backend]
     with storage.storage_errors(url):
-        for name, (problem, fix) in MODEL_FILES.items():
+        for name, (problem, fix) in (MODEL_FILES | {model_file: (f"no {model_file}", RE_EXPORT)}).items():
             if not fs.exists(storage.join(path, name)):
                 raise BadInputError(url, problem, fix)
         try:
@@ -165,17 +264,9 @@ def load(url: str, sc: StorageConfig) -> Exported:
             pre = Preprocessing.from_json(fs.cat(storage.join(path, FILE_NAME)).decode(), storage.join(url, FILE_NAME))
         except BadInputError as e:
             raise BadInputError(e.url, e.problem, RE_EXPORT) from e
-        with tempfile.TemporaryDirectory() as tmp:
-            fs.get(storage.join(path, MODEL_FILE), f"{tmp}/{MODEL_FILE}")
-            try:  # inference only: the optimizer and loss are not restored
-                model = keras.saving.load_model(f"{tmp}/{MODEL_FILE}", compile=False, safe_mode=True)
-            except Exception as e:  # Keras raises many types for a damaged file; its messages name our temp copy
-                raise BadInputError(storage.join(url, MODEL_FILE), f"Keras cannot load {MODEL_FILE} "
-                                    f"({type(e).__name__}): the file is truncated, corrupt or not a Keras model, "
-                                    "or holds code (a Lambda layer), which safe mode does not run",
-                                    f"{RE_EXPORT}, or copy the whole folder again") from e
-    if _inputs(model) != card.get("inputs"):
-        raise BadInputError(url, f"the model card names the inputs {card.get('inputs')}, but {MODEL_FILE} takes "
-                            f"{_inputs(model)}: the files come from different exports",
+        run = reader(fs, path, url, threads)
+    if run.input_shapes != card.get("inputs"):
+        raise BadInputError(url, f"the model card names the inputs {card.get('inputs')}, but {model_file} takes "
+                            f"{run.input_shapes}: the files come from different exports",
                             f"copy the whole folder of one export again, or {RE_EXPORT}")
-    return Exported(model, card, pre, url)
+    return Exported(run, card, pre, url, backend)

@@ -35,6 +35,18 @@ PARTICLE_NAMES = (
     "Energy", "Px", "Py", "Pz", "Pt", "Eta", "Phi", "vtxX", "vtxY", "vtxZ",
     "ChPFIso", "GammaPFIso", "NeuPFIso", "isChHad", "isNeuHad", "isGamma", "isEle", "isMu", "Charge",
 )
+#: Leaves read from each collection of a Delphes file (only these are read: real files hold ~80 KB/event in all).
+FIELDS = {
+    "EFlowTrack": ("PT", "Eta", "Phi", "X", "Y", "Z"),
+    "EFlowPhoton": ("ET", "Eta", "Phi"),
+    "EFlowNeutralHadron": ("ET", "Eta", "Phi"),
+    "Electron": ("PT", "Eta", "Phi", "Charge"),
+    "Muon": ("PT", "Eta", "Phi", "Charge"),
+    "Jet": ("PT", "Eta", "BTag"),
+    "MissingET": ("MET", "Phi"),
+}
+#: What :func:`compute` takes: those, and each track's charge (a leaf, or from its PID in older files).
+INPUT_FIELDS = FIELDS | {"EFlowTrack": (*FIELDS["EFlowTrack"], "Charge")}
 _PAIR_CHUNK = 4_000_000  # candidate pairs handled at once: bounds memory for crowded events
 
 

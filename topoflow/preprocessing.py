@@ -20,6 +20,23 @@ from topoflow.features import HLF_NAMES, PARTICLE_NAMES
 
 FORMAT, VERSION = "topoflow-preprocessing", 1
 FILE_NAME = "preprocessing.json"
+MAX_PARTICLES = 801  # the original's fixed sequence length: the most rows a model sees per event
+
+
+def pad(rows: np.ndarray, counts: np.ndarray, max_len: int = MAX_PARTICLES) -> np.ndarray:
+    """(events, longest, 19) float32 from the particle rows of all events back to back: zero rows
+    appended at the end. Longer events keep their last ``max_len`` rows (the lepton is last and
+    the farthest particles come first)."""
+    counts = np.asarray(counts, dtype=np.int64)
+    n = len(counts)
+    length = int(min(counts.max(initial=0), max_len))
+    out = np.zeros((n, length, len(PARTICLE_NAMES)), dtype=np.float32)
+    event = np.repeat(np.arange(n), counts)
+    pos = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)  # index inside the event
+    pos -= np.repeat(np.maximum(counts - length, 0), counts)  # truncation drops the first rows
+    keep = pos >= 0
+    out[event[keep], pos[keep]] = rows[keep]
+    return out
 
 
 @dataclass
@@ -74,7 +91,7 @@ class Preprocessing:
     The transform min-max scales the HLF with ``hlf_min``/``hlf_max`` (a feature constant in
     training is only shifted) and standardises each particle row with ``particle_mean``/``particle_std``; the rows are
     then padded with zero rows at the *end*, to the longest event of the batch (at most 801 rows: a
-    longer event keeps its last, nearest ones), and the models mask the padding.
+    longer event keeps its last, nearest ones; :func:`pad`), and the models mask the padding.
     :meth:`topoflow.export.Exported.model_inputs` does all of it. The parameters were fitted on the
     training split only (``fitted_on`` says where).
 
