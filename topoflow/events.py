@@ -18,7 +18,6 @@ number, lists of different lengths) is an :class:`EventsError` naming where, e.g
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import awkward as ak
@@ -69,42 +68,36 @@ def _columns(value: Any, fields: tuple[str, ...], at: str, single_ok: bool) -> d
         value = [value]  # MissingET given as one object
     if isinstance(value, list):
         for j, obj in enumerate(value):
-            if not isinstance(obj, dict):
+            if type(obj) is not dict:
                 raise EventsError(f"{at}[{j}]", f"expected an object with fields {list(fields)}, got {_kind(obj)}")
-            for f in fields:
-                if f not in obj:
-                    raise EventsError(f"{at}[{j}]", f"missing field {f!r}")
-                _number(obj[f], f"{at}[{j}].{f}")
-        return {f: [obj[f] for obj in value] for f in fields}
-    if isinstance(value, dict):
-        lengths = set()
+            if missing := [f for f in fields if f not in obj]:
+                raise EventsError(f"{at}[{j}]", f"missing field {missing[0]!r}")
+        columns = {f: [obj[f] for obj in value] for f in fields}
+        path = "{at}[{j}].{f}"
+    elif isinstance(value, dict):
         for f in fields:
-            column = value.get(f)
-            if not isinstance(column, list):
-                raise EventsError(f"{at}.{f}", "missing field" if column is None else
-                                  f"expected a list of numbers, got {_kind(column)}")
-            for j, v in enumerate(column):
-                _number(v, f"{at}.{f}[{j}]")
-            lengths.add(len(column))
-        if len(lengths) > 1:
+            if not isinstance(value.get(f), list):
+                raise EventsError(f"{at}.{f}", "missing field" if value.get(f) is None else
+                                  f"expected a list of numbers, got {_kind(value[f])}")
+        if len(lengths := {len(value[f]) for f in fields}) > 1:
             raise EventsError(at, f"the fields {list(fields)} have different lengths {sorted(lengths)}")
-        return {f: value[f] for f in fields}
-    raise EventsError(at, f"expected a list of objects or an object of lists, got {_kind(value)}")
-
-
-def _number(v: Any, at: str) -> None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise EventsError(at, f"expected a number, got {_kind(v)}")
-    if isinstance(v, float) and not math.isfinite(v):
-        raise EventsError(at, "not a finite number")
+        columns, path = {f: value[f] for f in fields}, "{at}.{f}[{j}]"
+    else:
+        raise EventsError(at, f"expected a list of objects or an object of lists, got {_kind(value)}")
+    for f, column in columns.items():
+        if not set(map(type, column)) <= {int, float}:  # fast check; the slow one says where
+            for j, v in enumerate(column):
+                if type(v) not in (int, float):
+                    raise EventsError(path.format(at=at, j=j, f=f), f"expected a number, got {_kind(v)}")
+    return columns
 
 
 def _locate(name: str, counts: list[int], index: int, where: str) -> str:
-    """The JSON path of flat value ``index`` of branch ``name``."""
+    """Where flat value ``index`` of branch ``name`` is: its event, and its candidate in the collection."""
     ends = np.cumsum(counts)
     event = int(np.searchsorted(ends, index, side="right"))
     collection, field = name.split(".")
-    return f"{where}[{event}].{collection}[{index - (ends[event] - counts[event])}].{field}"
+    return f"{where}[{event}].{collection}.{field}[{index - (ends[event] - counts[event])}]"
 
 
 def _kind(v: Any) -> str:
