@@ -1,4 +1,4 @@
-"""Packaging by tier: each pip extra (spark, generate, train, pipeline) brings what its stages import,
+"""Packaging by tier: each pip extra (spark, generate, train, serve, pipeline) brings what its stages import,
 `all` is every tier, a missing tier is one error naming the install command, and the CLI starts
 without importing any tier's heavy packages."""
 
@@ -31,6 +31,7 @@ STAGE_IMPORTS = {  # what each tier must make importable: its stages' modules an
                  "topoflow.generate.validate", "pythia8mc", "fastjet", "matplotlib.pyplot", "mplhep", *STORAGE],
     "train": ["topoflow.train", "topoflow.evaluate", "topoflow.plots", "tf2onnx", "onnxruntime", "matplotlib.pyplot",
               *STORAGE],
+    "serve": ["topoflow.export", "topoflow.events", "onnxruntime", "kserve", *STORAGE],
     "pipeline": ["kfp", "kfp.kubernetes", "kubernetes"],
 }
 
