@@ -59,7 +59,7 @@ bench: install system-deps
 
 # The container images, one per dependency tier (needs a Docker engine with BuildKit).
 images:
-	for tier in spark train base; do docker build -f images/$$tier/Dockerfile -t topoflow-$$tier:$(VERSION) . || exit 1; done
+	for tier in spark train base serve; do docker build -f images/$$tier/Dockerfile -t topoflow-$$tier:$(VERSION) . || exit 1; done
 
 clean:
 	rm -rf $(VENV) $(SCAN) out .pytest_cache

@@ -1,14 +1,21 @@
-"""A stand-in Kubernetes API server for SparkApplications, on 127.0.0.1, that the real ``kubernetes``
-client talks to over HTTP (no API server can be installed here; see ../shared/STACK.md).
+"""A stand-in Kubernetes API server for SparkApplications and InferenceServices, on 127.0.0.1, that the
+real ``kubernetes`` client talks to over HTTP (no API server can be installed here; see ../shared/STACK.md).
 
-It serves create, get and delete of ``sparkoperator.k8s.io/v1beta2`` SparkApplications, refuses what
-a real server refuses with its Status objects (404 NotFound, 409 AlreadyExists, 422 Invalid for objects
-that fail ``crds.validate``, 403 Forbidden for the verbs a test forbids, worded as the RBAC authorizer
-words it), and plays the Spark operator: each GET moves an application one step along the server's
-``script`` of (state, errorMessage), the transitions the operator makes with ``restartPolicy: Never``.
-It also serves the driver pod's log (``GET /api/v1/namespaces/{ns}/pods/{app}-driver/log``, plain text,
-``tailLines`` and ``container`` honoured): the scenario's ``driver_log``, what the driver printed.
-Every request is recorded in ``requests`` as (verb, name) so tests can see what the client did.
+It serves create, get, update (PUT) and delete of ``sparkoperator.k8s.io/v1beta2`` SparkApplications and
+``serving.kserve.io/v1beta1`` InferenceServices, and refuses what a real server refuses with its Status
+objects: 404 NotFound, 409 AlreadyExists, 422 Invalid for objects that fail ``crds.validate`` and for an
+update without ``metadata.resourceVersion`` (custom resources demand one), 409 Conflict for a stale one,
+403 Forbidden for the verbs a test forbids, worded as the RBAC authorizer words it. ``status`` is a
+subresource: create and update ignore it, ``metadata.generation`` counts spec changes.
+
+It plays the operators. Each GET of a SparkApplication moves it one step along the server's ``script`` of
+(state, errorMessage), the transitions the Spark operator makes with ``restartPolicy: Never``. Each GET of an
+InferenceService moves it one step along ``serving`` (KServe's controller in Knative mode, see ISVC_SCRIPTS),
+starting again at every new generation; its validating webhook refuses a change of deployment mode as KServe's
+does (403, "admission webhook ... denied the request"). It also serves the driver pod's log
+(``GET /api/v1/namespaces/{ns}/pods/{app}-driver/log``, plain text, ``tailLines`` and ``container``
+honoured): the scenario's ``driver_log``, what the driver printed. Every request is recorded in ``requests``
+as (verb, name) so tests can see what the client did.
 """
 
 from __future__ import annotations
@@ -22,8 +29,9 @@ from urllib.parse import parse_qsl
 
 from crds import CRDValidationError, validate
 
-GROUP, VERSION, PLURAL, KIND = "sparkoperator.k8s.io", "v1beta2", "sparkapplications", "SparkApplication"
-PREFIX = f"/apis/{GROUP}/{VERSION}/namespaces/"
+KINDS = {"sparkapplications": ("sparkoperator.k8s.io", "v1beta2", "SparkApplication"),  # plural -> served as
+         "inferenceservices": ("serving.kserve.io", "v1beta1", "InferenceService")}
+RESOURCE = re.compile(r"/apis/([^/]+)/([^/]+)/namespaces/([^/]+)/([^/]+)(?:/([^/]+))?")
 POD_LOG = re.compile(r"/api/v1/namespaces/([^/]+)/pods/([^/]+)/log")
 DRIVER_CONTAINER = "spark-kubernetes-driver"  # the name Spark gives the driver pod's container
 # What the operator (v2.5.2) writes into .status.applicationState.errorMessage
@@ -91,6 +99,21 @@ SCRIPTS = {  # "" is a new application: the operator has not written a status ye
 }
 DRIVER_LOGS = {"driver_fails": DRIVER_LOG, "driver_crashes": CRASH_LOG}  # no driver pod in the others
 
+# KServe's controller in Knative mode, one reconcile per GET, for each generation of the spec: "" leaves the
+# status as it was (nothing yet for a new service; for an updated one the previous generation's, Ready included),
+# then the states of ISVC_STATUS below.
+ISVC_SCRIPTS = {
+    "becomes_ready": ["", "deploying", "ready"],
+    "predictor_fails": ["", "deploying", "failed"],  # the container exits while loading the model, again and again
+}
+# What `topoflow serve` prints when /mnt/models holds no export (its termination message: FallbackToLogsOnError)
+LOAD_ERROR = ("error: no model_card.json: not a folder written by topoflow train\nin file /mnt/models\n"
+              "re-export the model with topoflow train")
+KSERVE_FINALIZER = "inferenceservice.finalizers"
+# metadata the API server owns: it checks them itself (crds.validate knows only what clients set)
+SERVER_FIELDS = ("uid", "resourceVersion", "generation", "creationTimestamp", "managedFields")
+WEBHOOK = "inferenceservice.kserve-webhook-server.validator"
+
 
 class StandInAPI:
     """The server and its state; ``host`` is what ``kubernetes.client.Configuration`` needs."""
@@ -98,10 +121,12 @@ class StandInAPI:
     def __init__(self, scenario: str = "completes", user: str = "system:serviceaccount:topoflow:topoflow-pipeline"):
         self.user = user
         self.play(scenario)
-        self.forbidden: set[str] = set()  # verbs on sparkapplications answered with 403, and "pods/log"
+        self.serving = ISVC_SCRIPTS["becomes_ready"]
+        self.forbidden: set[str] = set()  # verbs on custom resources answered with 403, and "pods/log"
+        self.interfere = 0  # how many updates find the object changed by the controller since it was read (409)
         self.log_queries: list[dict] = []  # the query of each pod log request
-        self.objects: dict[tuple[str, str], dict] = {}  # (namespace, name) -> object
-        self.steps: dict[tuple[str, str], int] = {}
+        self.objects: dict[tuple[str, str, str], dict] = {}  # (plural, namespace, name) -> object
+        self.steps: dict[tuple[str, str, str], int] = {}
         self.requests: list[tuple[str, str | None]] = []
         self.lock = threading.Lock()
         self._http = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)  # port 0: the system picks a free one
@@ -120,6 +145,16 @@ class StandInAPI:
         """Play ``scenario`` of SCRIPTS: the operator's steps and the driver's log."""
         self.script, self.driver_log = SCRIPTS[scenario], DRIVER_LOGS.get(scenario)
 
+    def play_kserve(self, scenario: str) -> None:
+        """Play ``scenario`` of ISVC_SCRIPTS for InferenceServices' next generations."""
+        self.serving = ISVC_SCRIPTS[scenario]
+
+    def applications(self) -> list[dict]:
+        return [o for (plural, *_), o in self.objects.items() if plural == "sparkapplications"]
+
+    def services(self) -> list[dict]:
+        return [o for (plural, *_), o in self.objects.items() if plural == "inferenceservices"]
+
     def client(self):
         """A real ``kubernetes.client.ApiClient`` pointed at this server."""
         from kubernetes import client
@@ -132,63 +167,121 @@ class StandInAPI:
             with self.lock:
                 self.requests.append(("log", log[2]))
                 return self._log(*log.groups(), query or {})
-        parts = path[len(PREFIX):].split("/") if path.startswith(PREFIX) else []
-        if len(parts) not in (2, 3) or parts[1] != PLURAL:
+        match = RESOURCE.fullmatch(path)
+        group, version, namespace, plural, name = match.groups() if match else (None,) * 5
+        if KINDS.get(plural, (None, None))[:2] != (group, version):
             return _status(404, "NotFound", "the server could not find the requested resource")
-        namespace, name = parts[0], parts[2] if len(parts) == 3 else None
-        verb = {("POST", False): "create", ("GET", True): "get", ("DELETE", True): "delete"}.get((method, bool(name)))
+        verb = {("POST", False): "create", ("GET", True): "get", ("PUT", True): "update",
+                ("DELETE", True): "delete"}.get((method, bool(name)))
         with self.lock:
             self.requests.append((verb or method, name))
             if verb is None:
-                return _status(405, "MethodNotAllowed", "this stand-in serves only create, get and delete")
+                return _status(405, "MethodNotAllowed", "this stand-in serves only create, get, update and delete")
             if verb in self.forbidden:
-                return self._forbidden(verb, PLURAL, GROUP, namespace, name)
+                return self._forbidden(verb, plural, group, namespace, name)
             if verb == "create":
-                return self._create(namespace, body)
-            key = (namespace, name)
+                return self._create(plural, namespace, body)
+            key = (plural, namespace, name)
             if key not in self.objects:
-                return _status(404, "NotFound", f'{PLURAL}.{GROUP} "{name}" not found', name)
+                return _status(404, "NotFound", f'{plural}.{group} "{name}" not found', name, plural, group)
             if verb == "delete":
                 return 200, self.objects.pop(key)
+            if verb == "update":
+                return self._update(key, body)
             self._advance(key)
             return 200, self.objects[key]
 
-    def _create(self, namespace: str, body: dict) -> tuple[int, dict]:
-        name = (body.get("metadata") or {}).get("name")
+    def _refused(self, plural: str, namespace: str, name: str | None, body: dict) -> tuple[int, dict] | None:
+        """What create and update refuse alike: an object the CRD does not allow, or one for another namespace."""
+        group, _, kind = KINDS[plural]
         try:
-            validate(body)
+            validate(as_submitted(body))
         except CRDValidationError as e:
-            return _status(422, "Invalid", f'{KIND}.{GROUP} "{name}" is invalid: {e}', name)
+            return _status(422, "Invalid", f'{kind}.{group} "{name}" is invalid: {e}', name, plural, group)
         if body["metadata"].get("namespace", namespace) != namespace:
             return _status(400, "BadRequest", "the namespace of the provided object does not match the namespace "
                                               "sent on the request")
-        if (namespace, name) in self.objects:
-            return _status(409, "AlreadyExists", f'{PLURAL}.{GROUP} "{name}" already exists', name)
+        return None
+
+    def _create(self, plural: str, namespace: str, body: dict) -> tuple[int, dict]:
+        name = (body.get("metadata") or {}).get("name")
+        if refused := self._refused(plural, namespace, name, body):
+            return refused
+        if (plural, namespace, name) in self.objects:
+            return _status(409, "AlreadyExists", f'{plural}.{KINDS[plural][0]} "{name}" already exists', name, plural,
+                           KINDS[plural][0])
         obj = {k: v for k, v in body.items() if k != "status"}  # status is a subresource: only the operator sets it
         obj["metadata"] = {**body["metadata"], "namespace": namespace, "uid": f"uid-{len(self.requests)}",
                            "resourceVersion": "1", "generation": 1, "creationTimestamp": _now()}
-        self.objects[(namespace, name)] = obj
-        self.steps[(namespace, name)] = -1
+        self.objects[(plural, namespace, name)] = obj
+        self.steps[(plural, namespace, name)] = -1
         return 201, obj
 
-    def _advance(self, key: tuple[str, str]) -> None:
-        """The operator's next reconcile: one step along the script, staying at its last state."""
-        step = self.steps[key] = min(self.steps[key] + 1, len(self.script) - 1)
-        state, error = self.script[step]
+    def _update(self, key: tuple[str, str, str], body: dict) -> tuple[int, dict]:
+        """PUT: the whole object but its status, at the resourceVersion the client read; the generation counts
+        spec changes, and a new generation starts KServe's script again."""
+        plural, namespace, name = key
+        group, _, kind = KINDS[plural]
+        old, meta = self.objects[key], body.get("metadata") or {}
+        if meta.get("name") != name:
+            return _status(400, "BadRequest", f'the name of the object ({meta.get("name")}) does not match the name '
+                                              f"on the URL ({name})")
+        if refused := self._refused(plural, namespace, name, body):
+            return refused
+        if self.interfere:  # the controller wrote the object after the client read it
+            self.interfere -= 1
+            self._touch(old)
+        if not meta.get("resourceVersion"):
+            return _status(422, "Invalid", f'{kind}.{group} "{name}" is invalid: metadata.resourceVersion: Invalid '
+                                           "value: 0x0: must be specified for an update", name, plural, group)
+        if meta["resourceVersion"] != old["metadata"]["resourceVersion"]:
+            return _status(409, "Conflict", f'Operation cannot be fulfilled on {plural}.{group} "{name}": the object '
+                                            "has been modified; please apply your changes to the latest version and "
+                                            "try again", name, plural, group)
+        if plural == "inferenceservices" and (denied := _kserve_webhook(old, body)):
+            return _status(403, "Forbidden", f'admission webhook "{WEBHOOK}" denied the request: {denied}')
+        new = {**{k: v for k, v in body.items() if k != "status"}, "metadata": {
+            **meta, **{k: old["metadata"][k] for k in ("uid", "creationTimestamp", "generation", "namespace")}}}
+        if "status" in old:
+            new["status"] = old["status"]
+        if new.get("spec") != old.get("spec"):
+            new["metadata"]["generation"] += 1
+            self.steps[key] = -1
+        self.objects[key] = new
+        self._touch(new)
+        return 200, new
+
+    def _advance(self, key: tuple[str, str, str]) -> None:
+        """The operator's next reconcile: one step along its script, staying at the last state."""
+        plural, _, name = key
+        obj = self.objects[key]
+        script = self.script if plural == "sparkapplications" else self.serving
+        step = self.steps[key] = min(self.steps[key] + 1, len(script) - 1)
+        if plural == "inferenceservices":
+            if script[step]:
+                obj["metadata"].setdefault("finalizers", [KSERVE_FINALIZER])
+                obj["status"] = isvc_status(obj, script[step])
+                self._touch(obj)
+            return
+        state, error = script[step]
         if not state:
             return
-        obj, name = self.objects[key], key[1]
         status = obj.setdefault("status", {"submissionAttempts": 1, "driverInfo": {"podName": f"{name}-driver"}})
         status["applicationState"] = {"state": state, **({"errorMessage": error} if error else {})}
         if state in ("COMPLETED", "FAILED"):
             status.setdefault("terminationTime", _now())
+
+    @staticmethod
+    def _touch(obj: dict) -> None:
+        """Every write, the status subresource's too, gives the object a new resourceVersion."""
+        obj["metadata"]["resourceVersion"] = str(int(obj["metadata"]["resourceVersion"]) + 1)
 
     def _log(self, namespace: str, pod: str, query: dict) -> tuple[int, dict | str]:
         """The driver's log, its last ``tailLines`` lines; only an application's driver pod has one."""
         self.log_queries.append(query)
         if "pods/log" in self.forbidden:
             return self._forbidden("get", "pods/log", "", namespace, pod)
-        if self.driver_log is None or (namespace, pod.removesuffix("-driver")) not in self.objects:
+        if self.driver_log is None or ("sparkapplications", namespace, pod.removesuffix("-driver")) not in self.objects:
             return _status(404, "NotFound", f'pods "{pod}" not found', pod, "pods", "")
         if query.get("container", DRIVER_CONTAINER) != DRIVER_CONTAINER:
             return _status(400, "BadRequest", f"container {query['container']} is not valid for pod {pod}")
@@ -228,6 +321,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         self._answer("POST")
 
+    def do_PUT(self):
+        self._answer("PUT")
+
     def do_DELETE(self):
         self._answer("DELETE")
 
@@ -235,8 +331,81 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
-def _status(code: int, reason: str, message: str, name: str | None = None, kind: str = PLURAL,
-            group: str = GROUP) -> tuple[int, dict]:
+def as_submitted(obj: dict) -> dict:
+    """``obj`` without the metadata the API server owns, as ``crds.validate`` checks it."""
+    meta = {k: v for k, v in (obj.get("metadata") or {}).items() if k not in SERVER_FIELDS}
+    return {**obj, "metadata": meta}
+
+
+def isvc_status(obj: dict, state: str) -> dict:
+    """An InferenceService's status as KServe's controller writes it in Knative mode (conditions after Knative's
+    living condition set: Ready follows the last dependent marked), for the object's generation in ``state``:
+    deploying (the revision is starting), ready, or failed (its container exits while loading the model)."""
+    name, namespace, generation = obj["metadata"]["name"], obj["metadata"]["namespace"], obj["metadata"]["generation"]
+    revision, now = f"{name}-predictor-{generation:05d}", _now()
+    host = f"{name}-predictor.{namespace}"
+
+    def conditions(**states):  # type -> (status, reason, message)
+        return [{"type": t, "status": s, "lastTransitionTime": now, **({"reason": r} if r else {}),
+                 **({"message": m} if m else {})} for t, (s, r, m) in sorted(states.items())]
+
+    predictor = {"latestCreatedRevision": revision}
+    if state == "deploying":
+        missing = ("RevisionMissing", f'Configuration "{name}-predictor" is waiting for a Revision to become ready.')
+        states = conditions(IngressReady=("Unknown", "Predictor ingress not created", None),
+                            LatestDeploymentReady=("Unknown", "PredictorConfigurationReady not ready", None),
+                            PredictorConfigurationReady=("Unknown", None, None),
+                            PredictorReady=("Unknown", *missing), PredictorRouteReady=("Unknown", *missing),
+                            Ready=("Unknown", "Predictor ingress not created", None),
+                            RoutesReady=("Unknown", "PredictorRouteReady not ready", None))
+        model = {"transitionStatus": "InProgress", "states": {"activeModelState": "", "targetModelState": "Loading"},
+                 "copies": {"failedCopies": 0, "totalCopies": 0}}
+    elif state == "failed":
+        failed = ("RevisionFailed", f'Revision "{revision}" failed with message: Container failed with: {LOAD_ERROR}.')
+        states = conditions(IngressReady=("False", "Predictor ingress not created", None),
+                            LatestDeploymentReady=("False", "PredictorConfigurationReady not ready", None),
+                            PredictorConfigurationReady=("False", *failed), PredictorReady=("False", *failed),
+                            PredictorRouteReady=("False", *failed),
+                            Ready=("False", "Predictor ingress not created", None),
+                            RoutesReady=("False", "PredictorRouteReady not ready", None))
+        model = {"transitionStatus": "BlockedByFailedLoad",
+                 "states": {"activeModelState": "", "targetModelState": "FailedToLoad"},
+                 "lastFailureInfo": {"reason": "ModelLoadFailed", "message": LOAD_ERROR, "exitCode": 2},
+                 "copies": {"failedCopies": 0, "totalCopies": 0}}
+    else:
+        states = conditions(**{t: ("True", None, None) for t in (
+            "IngressReady", "LatestDeploymentReady", "PredictorConfigurationReady", "PredictorReady",
+            "PredictorRouteReady", "Ready", "RoutesReady")})
+        predictor |= {"latestReadyRevision": revision, "latestRolledoutRevision": revision,
+                      "traffic": [{"revisionName": revision, "percent": 100, "latestRevision": True}],
+                      "url": f"http://{host}.example.com", "address": {"url": f"http://{host}.svc.cluster.local"}}
+        if generation > 1:
+            predictor["previousRolledoutRevision"] = f"{name}-predictor-{generation - 1:05d}"
+        model = {"transitionStatus": "UpToDate", "states": {"activeModelState": "Loaded", "targetModelState": "Loaded"},
+                 "copies": {"failedCopies": 0, "totalCopies": 1}}
+    # the mode is recorded at the first reconcile (from the annotation; KServe's default is Standard) and kept
+    mode = (obj.get("status") or {}).get("deploymentMode") or \
+        obj["metadata"].get("annotations", {}).get("serving.kserve.io/deploymentMode", "Standard")
+    status = {"conditions": states, "components": {"predictor": predictor}, "modelStatus": model,
+              "deploymentMode": mode, "observedGeneration": generation}
+    if state == "ready":
+        status |= {"url": f"http://{name}.{namespace}.example.com",
+                   "address": {"url": f"http://{name}.{namespace}.svc.cluster.local"}}
+    return status
+
+
+def _kserve_webhook(old: dict, new: dict) -> str | None:
+    """What KServe's validating webhook refuses of an update here: a change of deployment mode (the mode the
+    controller recorded in the status stays, ``validateDeploymentMode``)."""
+    recorded = (old.get("status") or {}).get("deploymentMode")
+    wanted = new["metadata"].get("annotations", {}).get("serving.kserve.io/deploymentMode")
+    if recorded and wanted and wanted != recorded:
+        return f"update rejected: deploymentMode cannot be changed from '{recorded}' to '{wanted}'"
+    return None
+
+
+def _status(code: int, reason: str, message: str, name: str | None = None, kind: str = "sparkapplications",
+            group: str = KINDS["sparkapplications"][0]) -> tuple[int, dict]:
     """A Kubernetes ``Status`` object, as the API server answers errors."""
     details = {"name": name, "group": group, "kind": kind} if name else {"group": group, "kind": kind}
     return code, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message,

@@ -32,6 +32,12 @@ def exported(tmp_path_factory):
     return folder
 
 
+def test_the_folder_holds_a_triton_repository_of_the_same_onnx_model(exported):
+    model = exported / "triton" / "topoflow"
+    assert (model / "1" / "model.onnx").read_bytes() == (exported / "model.onnx").read_bytes()
+    assert 'platform: "onnxruntime_onnx"' in (model / "config.pbtxt").read_text()
+
+
 def test_raw_features_are_scaled_by_the_models_preprocessing_and_padded_at_the_end(exported):
     model = load(str(exported), Config().storage)
     assert (model.card["format"], model.card["version"], model.url) == ("topoflow-model-card", 1, str(exported))

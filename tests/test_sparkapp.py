@@ -137,7 +137,7 @@ def test_a_failed_driver_is_reported_with_the_error_it_printed(k8s):
     k8s.play("driver_fails")
     error, lines = _run(k8s)
     assert isinstance(error, TopoflowError)
-    (name,) = (n for _, n in k8s.objects)
+    (name,) = (n for _, _, n in k8s.objects)
     assert str(error) == (
         f"Spark ingest failed: SparkApplication {NS}/{name} is FAILED: {DRIVER_ERROR}\n"
         "the driver printed:\n"
@@ -162,7 +162,7 @@ def test_an_unreadable_driver_log_still_reports_the_failure(k8s):
     k8s.play("driver_fails")
     k8s.forbidden = {"pods/log"}
     error, _ = _run(k8s)
-    (name,) = (n for _, n in k8s.objects)
+    (name,) = (n for _, _, n in k8s.objects)
     text = str(error)
     assert text.startswith(f"Spark ingest failed: SparkApplication {NS}/{name} is FAILED: {DRIVER_ERROR}\n"
                            "the driver's log could not be read (403 Forbidden): ")
@@ -212,7 +212,7 @@ def test_the_drivers_error_is_found_in_its_log(log, expected):
 
 def test_the_stand_in_serves_the_tail_of_the_driver_log(k8s):
     k8s.play("driver_fails")
-    k8s.objects[(NS, "app")] = {}
+    k8s.objects[("sparkapplications", NS, "app")] = {}
     code, text = k8s.handle("GET", f"/api/v1/namespaces/{NS}/pods/app-driver/log", None, {"tailLines": "2"})
     assert code == 200 and text == "".join(k8s.driver_log.splitlines(keepends=True)[-2:])
     assert len(k8s.driver_log.splitlines()) > LOG_TAIL  # the error is near the end, as in a real log

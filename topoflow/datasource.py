@@ -172,26 +172,32 @@ class DelphesReader(DataSourceReader):
 
     def read(self, partition: Split) -> Iterator[pa.RecordBatch]:
         for r in partition.ranges:
-            yield from self._read_range(r)
+            for first, _, feats in read_range(r, self.cfg, self.batch_size, self.skip, self.errors_dir):
+                yield to_record_batch(feats, r.label, r.url, first)
 
-    def _read_range(self, partition: Range) -> Iterator[pa.RecordBatch]:
-        info = delphes.FileInfo(partition.url, partition.stop, partition.muon, partition.track_charge)
-        done = partition.start
-        try:
-            for first, arrays in delphes.read_batches(info, self.cfg, partition.start, partition.stop,
-                                                      self.batch_size):
-                try:
-                    features.check_finite(arrays)
-                    feats = features.compute(arrays)
-                except features.EventError as e:
-                    raise BadInputError(partition.url, f"{e.problem} at entry {first + e.index}",
-                                        "fix or drop this file, or use --on-bad-file skip") from e
-                yield to_record_batch(feats, partition.label, partition.url, first)
-                done = first + len(arrays["MissingET.MET"])
-        except BadInputError as e:
-            if not self.skip:
-                raise
-            record_skip(self.errors_dir, self.cfg, partition.url, e.problem, [done, partition.stop])
+
+def read_range(r: Range, cfg: StorageConfig, batch_size: int, skip: bool = False,
+               errors_dir: str | None = None) -> Iterator[tuple[int, int, features.Features]]:
+    """``(first entry, entries read, features of the selected events)`` per batch of ``r``: the one
+    reading path of ingestion and prediction. A bad file or event raises :class:`BadInputError`;
+    with ``skip``, the entries not read yet are recorded as skipped (:func:`record_skip`) instead."""
+    info = delphes.FileInfo(r.url, r.stop, r.muon, r.track_charge)
+    done = r.start
+    try:
+        for first, arrays in delphes.read_batches(info, cfg, r.start, r.stop, batch_size):
+            try:
+                features.check_finite(arrays)
+                feats = features.compute(arrays)
+            except features.EventError as e:
+                raise BadInputError(r.url, f"{e.problem} at entry {first + e.index}",
+                                    "fix or drop this file, or use --on-bad-file skip") from e
+            n = len(arrays["MissingET.MET"])
+            yield first, n, feats
+            done = first + n
+    except BadInputError as e:
+        if not skip:
+            raise
+        record_skip(errors_dir, cfg, r.url, e.problem, [done, r.stop])
 
 
 def to_record_batch(feats: features.Features, label: int, url: str, first_entry: int) -> pa.RecordBatch:
@@ -241,7 +247,8 @@ class FsParquetDataSource(DataSource):
     files its manifest lists, or every ``*.parquet`` below ``url`` for data written by others.
     ``df.write.format("fsparquet")`` options: ``path`` (target URL), ``row_group_size``,
     ``staging`` (URL to write parts to before publishing), ``meta`` (JSON kept in the manifest),
-    ``skipped`` (JSON list of files already left out) and the storage options."""
+    ``skipped`` (JSON list of files already left out), ``count`` (the column whose class indices or
+    names the manifest counts in ``rows_per_class``; default ``label``) and the storage options."""
 
     @classmethod
     def name(cls) -> str:
@@ -260,7 +267,7 @@ class FsParquetDataSource(DataSource):
         return FsParquetReader(self.options, [f.name for f in schema.fields])
 
     def writer(self, schema, overwrite: bool) -> FsParquetWriter:
-        return FsParquetWriter(self.options, overwrite)
+        return FsParquetWriter(self.options, overwrite, schema)
 
 
 def parquet_files(url: str, cfg: StorageConfig) -> list[str]:
@@ -271,7 +278,8 @@ def parquet_files(url: str, cfg: StorageConfig) -> list[str]:
         if fs.exists(manifest):
             with fs.open(manifest) as f:
                 return [storage.join(path, part["name"]) for part in json.load(f)["files"]]
-        found = sorted(fs.glob(storage.join(path, "**/*.parquet")) or fs.glob(path))
+        found = sorted(fs.glob(storage.join(path, "**/*.parquet"))
+                       or [p for p, info in fs.glob(path, detail=True).items() if info["type"] == "file"])
     found = [p for p in found if not p.rsplit("/", 1)[-1].startswith(("_", "."))]
     if not found:
         raise BadInputError(url, "no Parquet files here", "point at a dataset written by topoflow (with "
@@ -296,8 +304,10 @@ class FsParquetReader(DataSourceReader):
 
 
 class FsParquetWriter(DataSourceArrowWriter):
-    def __init__(self, options: dict[str, str], overwrite: bool):
+    def __init__(self, options: dict[str, str], overwrite: bool, schema):
         self.cfg = _storage(options)
+        self.columns = ", ".join(f"{f.name} {f.dataType.simpleString()}" for f in schema.fields)
+        self.count = options.get("count", "label")
         self.target = options["path"]
         self.staging = options.get("staging") or storage.staging_url(self.target)
         self.row_group_size = int(options.get("row_group_size", 1000))
@@ -322,13 +332,15 @@ class FsParquetWriter(DataSourceArrowWriter):
                     writer = pq.ParquetWriter(f, batch.schema, compression="zstd")
                 writer.write_batch(batch, row_group_size=self.row_group_size)
                 rows += batch.num_rows
-                if "label" in batch.schema.names:
-                    labels.update(batch.column("label").to_numpy().tolist())
+                if self.count in batch.schema.names:
+                    labels.update({v["values"]: v["counts"] for v in batch.column(self.count).drop_null()
+                                   .value_counts().to_pylist()})
         finally:
             if writer is not None:
                 writer.close()
                 f.close()
-        per_label = {CLASSES[k] if 0 <= k < len(CLASSES) else str(k): v for k, v in labels.items()}
+        per_label = {CLASSES[k] if isinstance(k, int) and 0 <= k < len(CLASSES) else str(k): v
+                     for k, v in labels.items()}
         return PartWritten(name if rows else None, rows, per_label)
 
     def commit(self, messages: list[PartWritten]) -> None:
@@ -352,7 +364,7 @@ class FsParquetWriter(DataSourceArrowWriter):
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "topoflow_version": __version__,
-            "columns": SPARK_SCHEMA,
+            "columns": self.columns,
             "files": [{"name": m.name, "rows": m.rows} for m in sorted(parts, key=lambda m: m.name)],
             "rows": sum(m.rows for m in parts),
             "rows_per_class": {c: per_label.get(c, 0) for c in CLASSES},

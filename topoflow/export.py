@@ -1,6 +1,8 @@
 """Everything serving needs, in one folder at any fsspec URL, published atomically:
 
-    model.keras  saved_model/  model.onnx  preprocessing.json  model_card.json  model_card.md
+    model.keras  saved_model/  model.onnx  triton/  preprocessing.json  model_card.json  model_card.md
+
+(``triton/``: the ONNX model as a Triton model repository, :mod:`topoflow.triton`).
 
 This module owns that folder: :func:`export` writes it and :func:`load` reads it back, run by Keras,
 ONNX Runtime or TensorFlow (``backend``). The preprocessing artifact travels with the model, and
@@ -19,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from topoflow import CLASSES, __version__, storage
+from topoflow import CLASSES, __version__, storage, triton
 from topoflow.config import Config, StorageConfig
 from topoflow.errors import BadInputError
 from topoflow.extras import require
@@ -29,6 +31,7 @@ from topoflow.preprocessing import FILE_NAME, Preprocessing, pad
 CARD = "model_card"
 CARD_FORMAT, CARD_VERSION = "topoflow-model-card", 1
 MODEL_FILE = "model.keras"
+ONNX_FILE, SAVED_MODEL, TRITON = "model.onnx", "saved_model", "triton"
 RE_EXPORT = "re-export the model with topoflow train"
 MODEL_FILES = {  # what an exported model folder must hold: file -> (problem when missing, fix)
     MODEL_FILE: (f"no {MODEL_FILE}: no such folder, or not an exported model",
@@ -44,9 +47,10 @@ def export(model, output: str, sc: StorageConfig, pre: Preprocessing, cfg: Confi
         folder = Path(tmp)
         model.save(folder / MODEL_FILE)
         model.export(str(folder / "saved_model"), format="tf_saved_model", verbose=False)
-        to_onnx(model, folder / "model.onnx")  # the native GRU op: padding costs no GRU steps
+        to_onnx(model, folder / ONNX_FILE)  # the native GRU op: padding costs no GRU steps
         (folder / FILE_NAME).write_text(pre.to_json())
         card = model_card(model, pre, cfg, history)
+        triton.write_repository(folder / ONNX_FILE, folder / TRITON, card)
         (folder / f"{CARD}.json").write_text(json.dumps(card, indent=2, sort_keys=True))
         (folder / f"{CARD}.md").write_text(card_markdown(card))
         storage.publish_folder(str(folder), output, sc, {"stage": "train", "model": card["model"],
@@ -104,7 +108,6 @@ split is never seen in training: `topoflow evaluate` reports on it.
 
 
 BACKENDS = ("keras", "onnx", "saved_model")  # what runs the model: its file in the folder
-ONNX_FILE, SAVED_MODEL = "model.onnx", "saved_model"
 Runner = Callable[[dict[str, np.ndarray]], np.ndarray]  # model inputs -> probabilities (n, 3)
 
 

@@ -69,7 +69,7 @@ def ingest(cfg: Config, spark=None, show_progress: bool = True) -> IngestSummary
 
         spark = session(cfg.spark)
     spark.sparkContext.setJobGroup(_JOB_GROUP, f"ingest → {ic.output}")
-    infos, skipped = _probe_all(urls, cfg, spark, show_progress)
+    infos, skipped = probe_all(urls, cfg, spark, show_progress)
     if not infos:
         raise BadInputError(", ".join(s["file"] for s in skipped) or "(none)", "no readable input file left",
                             "fix the inputs listed above")
@@ -110,7 +110,7 @@ def ingest(cfg: Config, spark=None, show_progress: bool = True) -> IngestSummary
     return IngestSummary(ic.output, events_read, manifest["rows_per_class"], skipped, time.monotonic() - t0)
 
 
-def _probe_all(urls: list[tuple[str, int]], cfg: Config, spark,
+def probe_all(urls: list[tuple[str, int]], cfg: Config, spark,
                show_progress: bool) -> tuple[list[tuple[delphes.FileInfo, int]], list[dict]]:
     """Open each (file, label) once, as a Spark job: at CERN scale (thousands of files, each open
     parsing a ~600-branch TTree) the driver alone would take minutes."""

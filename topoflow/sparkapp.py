@@ -23,14 +23,14 @@ import json
 import re
 import signal
 import threading
-import time
 import uuid
 
-from topoflow import images
+from topoflow import images, kube
 from topoflow.config import Config
 from topoflow.errors import ConfigError, TopoflowError
 
-GROUP, VERSION, PLURAL = "sparkoperator.k8s.io", "v1beta2", "sparkapplications"
+SPARK_APPLICATION = kube.Resource("sparkoperator.k8s.io", "v1beta2", "sparkapplications", "SparkApplication",
+                                  "the Spark operator")
 SPARK_STAGES = ("ingest", "prepare")
 # The image runs topoflow's CLI through this two-line script: from topoflow.cli import main; raise SystemExit(main())
 ENTRY = "local:///opt/topoflow/entry.py"
@@ -41,7 +41,6 @@ SPARK_PORTS = {"spark.driver.port": "7078", "spark.driver.blockManager.port": "7
 SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "access_key_id", "AWS_SECRET_ACCESS_KEY": "secret_access_key"}  # env -> key
 SPARK_VERSION = "4.3.0"  # the pyspark that pyproject's spark extra pins, i.e. the image's Spark
 FAILURE_STATES = ("FAILED", "SUBMISSION_FAILED")
-_REQUEST_TIMEOUT = (10, 30)  # connect, read (s): a silent API server fails the call instead of hanging it
 # Spark names the driver's container so (Constants.DEFAULT_DRIVER_CONTAINER_NAME; the operator's
 # common.SparkDriverContainerName): naming it keeps the log read working when the pod has sidecars
 DRIVER_CONTAINER = "spark-kubernetes-driver"
@@ -68,9 +67,9 @@ def run_stage(stage: str, cfg: Config, *, namespace: str, image: str, service_ac
     name = f"topoflow-{stage}-{suffix}"
     body = spark_application(stage, cfg, name=name, namespace=namespace, image=image,
                              service_account=service_account, secret=secret, run_id=run_id or suffix)
-    crd = client.CustomObjectsApi(api or _default_client())
+    crd = client.CustomObjectsApi(api or kube.default_client())
     with _sigterm_interrupts():
-        _call(crd, "create", namespace, crd.create_namespaced_custom_object, body=body)
+        kube.call(crd, SPARK_APPLICATION, "create", namespace, crd.create_namespaced_custom_object, body=body)
         log(f"created SparkApplication {namespace}/{name}; driver log: kubectl logs -n {namespace} -f {name}-driver")
         try:
             status = _wait(crd, namespace, name, timeout_s, poll_s, log)
@@ -96,14 +95,12 @@ def spark_application(stage: str, cfg: Config, *, name: str, namespace: str, ima
     labels = {"app.kubernetes.io/name": "topoflow", "app.kubernetes.io/component": stage, "topoflow/run-id": run_id}
     env = [{"name": var, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
            for var, key in SECRET_KEYS.items()] if secret else []
-    user = {"runAsNonRoot": True, "runAsUser": images.UID, "runAsGroup": images.UID,
-            "seccompProfile": {"type": "RuntimeDefault"}}  # what the namespace's "restricted" standard demands
+    pod_security, container_security = kube.security_contexts(images.UID)
     pod = {
         "labels": labels,
         "env": env,
-        "podSecurityContext": {**user, "fsGroup": images.UID},
-        "securityContext": {**user, "readOnlyRootFilesystem": True, "allowPrivilegeEscalation": False,
-                            "privileged": False, "capabilities": {"drop": ["ALL"]}},
+        "podSecurityContext": pod_security,
+        "securityContext": container_security,
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
     }
     sc = cfg.spark
@@ -111,8 +108,8 @@ def spark_application(stage: str, cfg: Config, *, name: str, namespace: str, ima
     executor.update({k: v for k, v in (("cores", sc.executor_cores), ("instances", sc.executor_instances),
                                        ("memory", sc.executor_memory)) if v is not None})
     return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "SparkApplication",
+        "apiVersion": SPARK_APPLICATION.api_version,
+        "kind": SPARK_APPLICATION.kind,
         "metadata": {"name": name, "namespace": namespace, "labels": labels},
         "spec": {
             "type": "Python",
@@ -144,21 +141,18 @@ def _settings(cfg: Config) -> list[str]:
 
 def _wait(crd, namespace: str, name: str, timeout_s: float | None, poll_s: float, log) -> dict:
     """Poll until a final state, logging each change; the final ``.status``."""
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    state = None
-    while True:
-        obj = _call(crd, "get", namespace, crd.get_namespaced_custom_object, name=name)
-        status = obj.get("status") or {}
-        new = status.get("applicationState", {}).get("state", "")
-        if new != state:
-            log(f"SparkApplication {namespace}/{name}: {new or 'NEW'}")
-            state = new
-        if new == "COMPLETED" or new in FAILURE_STATES:
-            return status
-        if deadline is not None and time.monotonic() >= deadline:
-            raise TopoflowError(f"SparkApplication {namespace}/{name} still {state or 'NEW'} after {timeout_s:g} s; "
-                                "deleting it\nallow more time (timeout_s) or give Spark more executors (spark.*)")
-        time.sleep(poll_s)
+    def state(obj: dict) -> str:
+        return (obj.get("status") or {}).get("applicationState", {}).get("state", "") or "NEW"
+
+    try:
+        obj = kube.wait(lambda: kube.call(crd, SPARK_APPLICATION, "get", namespace, crd.get_namespaced_custom_object,
+                                          name=name),
+                        lambda obj: f"SparkApplication {namespace}/{name}: {state(obj)}",
+                        lambda obj: state(obj) == "COMPLETED" or state(obj) in FAILURE_STATES, timeout_s, poll_s, log)
+    except kube.TimedOut as e:
+        raise TopoflowError(f"SparkApplication {namespace}/{name} still {state(e.last)} after {timeout_s:g} s; "
+                            "deleting it\nallow more time (timeout_s) or give Spark more executors (spark.*)") from None
+    return obj["status"]
 
 
 def _driver_said(api, namespace: str, pod: str) -> str | None:
@@ -171,16 +165,16 @@ def _driver_said(api, namespace: str, pod: str) -> str | None:
     try:  # raw bytes: the client would parse a log that happens to be valid JSON
         response = client.CoreV1Api(api).read_namespaced_pod_log(
             pod, namespace, container=DRIVER_CONTAINER, tail_lines=LOG_TAIL, _preload_content=False,
-            _request_timeout=_REQUEST_TIMEOUT)
+            _request_timeout=kube.REQUEST_TIMEOUT)
         log = response.data.decode(errors="replace")
     except ApiException as e:
-        why = f"({e.status} {e.reason}): {_message(e)}"
+        why = f"({e.status} {e.reason}): {kube.message(e)}"
         if e.status == 403:
             why += ("\nthe Role in k8s/ bound to the service account this runs as needs verb 'get' on resource "
                     "'pods/log'")
         return f"the driver's log could not be read {why}"
     except HTTPError as e:
-        return f"the driver's log could not be read: {_reason(e)}"
+        return f"the driver's log could not be read: {kube.reason(e)}"
     error = driver_error(log)
     if error is None:
         return None
@@ -209,67 +203,12 @@ def driver_error(log: str) -> str | None:
 def _delete(crd, namespace: str, name: str, log) -> None:
     """Delete the application (the operator's owner references take its pods along); never masks the reason."""
     try:
-        _call(crd, "delete", namespace, crd.delete_namespaced_custom_object, name=name, missing_ok=True)
+        kube.call(crd, SPARK_APPLICATION, "delete", namespace, crd.delete_namespaced_custom_object, name=name,
+                  missing_ok=True)
         log(f"deleted SparkApplication {namespace}/{name}")
     except TopoflowError as e:
         log(f"could not delete SparkApplication {namespace}/{name}: {e}\n"
             f"delete it yourself: kubectl delete sparkapplication -n {namespace} {name}")
-
-
-def _call(crd, verb: str, namespace: str, method, missing_ok: bool = False, **kwargs) -> dict:
-    """One API call; Kubernetes' refusals become errors that say what to fix."""
-    from kubernetes.client.exceptions import ApiException
-    from urllib3.exceptions import HTTPError
-
-    host = crd.api_client.configuration.host
-    try:
-        return method(GROUP, VERSION, namespace, PLURAL, _request_timeout=_REQUEST_TIMEOUT, **kwargs)
-    except ApiException as e:
-        if e.status == 404 and missing_ok:
-            return {}
-        what = f"{verb} {PLURAL}.{GROUP} in namespace {namespace!r}"
-        message = _message(e)
-        if e.status == 403:
-            raise TopoflowError(f"not allowed to {what} (403 Forbidden, RBAC): {message}\nthe Role in k8s/ bound "
-                                f"to the service account this runs as must allow verb {verb!r} on resource "
-                                f"{PLURAL!r} in API group {GROUP!r}") from None
-        if e.status == 401:
-            raise TopoflowError(f"the Kubernetes API server at {host} rejected the credentials (401 Unauthorized)\n"
-                                "check the kubeconfig's user or the pod's service-account token") from None
-        if e.status == 404 and verb == "create":
-            message += "\nis the Spark operator (its SparkApplication CRD) installed in this cluster?"
-        raise TopoflowError(f"cannot {what} ({e.status} {e.reason}): {message}") from None
-    except HTTPError as e:
-        raise TopoflowError(f"cannot reach the Kubernetes API server at {host}: {_reason(e)}\n"
-                            "check that it is running and that the kubeconfig names the right server") from None
-
-
-def _message(e) -> str:
-    """The ``message`` of the Status object Kubernetes answers an error with."""
-    try:
-        return json.loads(e.body)["message"]
-    except (TypeError, ValueError, KeyError):
-        return str(e.body or e.reason)
-
-
-def _reason(e) -> str:
-    """The last words of urllib3's nested error, e.g. "[Errno 111] Connection refused"."""
-    return str(getattr(e, "reason", None) or e).rpartition(": ")[2]
-
-
-def _default_client():
-    """The in-cluster service account when running in a pod, else the kubeconfig."""
-    from kubernetes import client, config
-
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        try:
-            config.load_kube_config()
-        except (config.ConfigException, FileNotFoundError) as e:
-            raise TopoflowError(f"no Kubernetes credentials: not in a pod and no usable kubeconfig ({e})\n"
-                                "set KUBECONFIG or run inside the cluster") from None
-    return client.ApiClient()
 
 
 def _interrupt(signum, frame):
