@@ -52,13 +52,25 @@ def evaluate(config: str, prepared: Input[Dataset], metrics: Output[Metrics], re
              report_html: Output[HTML], hlf_classification: Output[ClassificationMetrics],
              gru_classification: Output[ClassificationMetrics],
              inclusive_classification: Output[ClassificationMetrics], hlf: Input[Model] = None,
-             gru: Input[Model] = None, inclusive: Input[Model] = None):
+             gru: Input[Model] = None, inclusive: Input[Model] = None) -> str:
     """Compare the trained models on the test split: per-class AUC and accuracy (metrics), the
-    confusion matrix and tt̄ ROC curve per model (classification), the report (Markdown, HTML)."""
+    confusion matrix and tt̄ ROC curve per model (classification), the report (Markdown, HTML). Returns
+    the URL of the model to serve: the best by mean AUC if it is good enough (deploy.*), else ""."""
     from topoflow import steps
 
     given = {"hlf": (hlf, hlf_classification), "gru": (gru, gru_classification),
              "inclusive": (inclusive, inclusive_classification)}
     models = {name: m.metadata["url"] for name, (m, _) in given.items() if m is not None}
-    steps.evaluate(config, prepared.metadata["url"], models, metrics=metrics,
-                   classification={name: c for name, (_, c) in given.items()}, markdown=report_md, html=report_html)
+    report = steps.evaluate(config, prepared.metadata["url"], models, metrics=metrics,
+                            classification={name: c for name, (_, c) in given.items()}, markdown=report_md,
+                            html=report_html)
+    return steps.choose(config, report.results).to_serve
+
+
+@dsl.component(base_image=images.BASE, install_kfp_package=False)
+def deploy(config: str, model_url: str) -> str:
+    """Serve the chosen model as a KServe InferenceService and wait until it is Ready; its URL ("" when
+    deploy.enabled is false or when run locally)."""
+    from topoflow import steps
+
+    return steps.deploy(config, model_url)

@@ -1,6 +1,7 @@
 """The topoflow pipeline: [generate] → ingest → prepare → train (one task per model, in parallel)
-→ evaluate. Wiring only: resources, GPUs, node placement, secrets and volumes come from the
-config's ``pipeline`` section; what each step does lives in :mod:`topoflow.steps`.
+→ evaluate → [deploy, when evaluate found the best model good enough]. Wiring only: resources, GPUs,
+node placement, secrets and volumes come from the config's ``pipeline`` section; what each step does
+lives in :mod:`topoflow.steps`.
 """
 
 from kfp import dsl, kubernetes
@@ -15,7 +16,8 @@ def build(cfg: Config):
     pc = cfg.pipeline
 
     @dsl.pipeline(name="topoflow", description="LHC event-topology classification: Delphes ROOT files → "
-                  "selected events → prepared datasets → HLF, GRU and inclusive classifiers → report")
+                  "selected events → prepared datasets → HLF, GRU and inclusive classifiers → report → "
+                  "the best served by KServe")
     def topoflow(config: str = config_text(cfg)):
         events = _platform(c.generate(config=config), pc).set_display_name("generate")
         ingested = _platform(c.ingest(config=config, events=events.outputs["events"]), pc)
@@ -31,18 +33,33 @@ def build(cfg: Config):
                 for t in pc.gpu_tolerations:
                     kubernetes.add_toleration(task, key=t.key, operator=t.operator, value=t.value, effect=t.effect)
             models[name] = task.outputs["model"]
-        _platform(c.evaluate(config=config, prepared=prepared.outputs["prepared"], **models), pc,
-                  pc.cpu, pc.train_memory)
+        evaluated = _platform(c.evaluate(config=config, prepared=prepared.outputs["prepared"], **models), pc,
+                              pc.cpu, pc.train_memory)
+        serve_if_chosen(config, evaluated, pc)
 
     return topoflow
 
 
-def _platform(task, pc: PipelineConfig, cpu: "str | None" = None, memory: "str | None" = None):
-    """Requests = limits on every task, S3 keys and the XRootD proxy from Secrets, the volume; no
-    caching (the data live at URLs the cache cannot see)."""
-    cpu, memory = cpu or pc.cpu, memory or pc.memory
+def serve_if_chosen(config, evaluated, pc: PipelineConfig) -> None:
+    """The deploy task, run only when ``evaluated`` (a task whose one output is a model URL, "" for none)
+    chose a model. Gated on the single output: kfp.local (2.17) resolves a condition on a task's
+    ``Output`` but not on one field of a NamedTuple of outputs."""
+    chosen = evaluated.outputs["Output"]
+    with dsl.If(chosen != "", name="good-enough-to-serve"):
+        # no data, no secrets: it only talks to the API server (KServe's storage initializer reads the model)
+        _sized(c.deploy(config=config, model_url=chosen), pc.cpu, pc.memory)
+
+
+def _sized(task, cpu: str, memory: str):
+    """Requests = limits; no caching (the data live at URLs the cache cannot see, and a deployment is an
+    action, not a result to reuse)."""
     task.set_cpu_request(cpu).set_cpu_limit(cpu).set_memory_request(memory).set_memory_limit(memory)
-    task.set_caching_options(False)
+    return task.set_caching_options(False)
+
+
+def _platform(task, pc: PipelineConfig, cpu: "str | None" = None, memory: "str | None" = None):
+    """:func:`_sized` (the pipeline's sizes by default), S3 keys and the XRootD proxy from Secrets, the volume."""
+    _sized(task, cpu or pc.cpu, memory or pc.memory)
     if pc.s3_secret:
         kubernetes.use_secret_as_env(task, secret_name=pc.s3_secret, secret_key_to_env={
             "access_key_id": "AWS_ACCESS_KEY_ID", "secret_access_key": "AWS_SECRET_ACCESS_KEY"})

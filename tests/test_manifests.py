@@ -24,10 +24,11 @@ from crds import CRDValidationError, validate
 
 REPO = Path(__file__).resolve().parents[1]
 SCAN_BIN = Path(os.environ.get("TOPOFLOW_SCAN_BIN", REPO / ".venv-scan" / "bin"))
-KUSTOMIZATIONS = ["base", "overlays/dev", "overlays/gpu"]
+KUSTOMIZATIONS = ["base", "overlays/dev", "overlays/gpu", "overlays/triton"]
 DOCKERFILES = sorted(p.parent.name for p in (REPO / "images").glob("*/Dockerfile"))
 # image -> the extras it installs: its tier, and kfp (pipeline) for the components that run in it
-TIER_EXTRAS = {"spark": {"spark", "generate", "pipeline"}, "train": {"train", "pipeline"}, "base": {"pipeline"}}
+TIER_EXTRAS = {"spark": {"spark", "generate", "pipeline"}, "train": {"train", "pipeline"}, "base": {"pipeline"},
+               "serve": {"serve"}}
 KUBERNETES_VERSION = "1.32.0"  # the oldest API we validate against
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 VERSION = PYPROJECT["project"]["version"]
@@ -69,7 +70,8 @@ def one(rendered, name, kind, obj_name) -> dict:
 
 def pods(rendered, name) -> list[tuple[str, dict, dict, dict]]:
     """(where, pod-level security context, container, pod labels) of every pod an object makes;
-    SparkApplication pods are shown as the operator makes them (spark-role label, container)."""
+    SparkApplication pods are shown as the operator makes them (spark-role label, container), an
+    InferenceService's predictor by its serving container (its own, or the runtime's `model`, no image)."""
     out = []
     for o in objects(rendered, name):
         where = f"{o['kind']}/{o['metadata']['name']}"
@@ -84,6 +86,10 @@ def pods(rendered, name) -> list[tuple[str, dict, dict, dict]]:
                              "env": s.get("env", []), "image": o["spec"]["image"]}
                 out.append((f"{where}.{role}", s["podSecurityContext"], container,
                             {**s["labels"], "spark-role": role}))
+        elif o["kind"] == "InferenceService":
+            p = o["spec"]["predictor"]
+            for c in p.get("containers") or [{**p["model"], "image": None}]:
+                out.append((f"{where}.predictor", p["securityContext"], c, p["labels"]))
     return out
 
 
@@ -132,8 +138,8 @@ def test_crds_int_or_string_and_katib_openapi():
 
 # ---- rendering and validation -----------------------------------------------------------------
 
-EXPECTED = {"Namespace": 1, "ServiceAccount": 4, "Role": 2, "RoleBinding": 2, "ConfigMap": 1,
-            "NetworkPolicy": 5, "SparkApplication": 2, "Job": 1}
+EXPECTED = {"Namespace": 1, "ServiceAccount": 5, "Role": 2, "RoleBinding": 2, "ConfigMap": 1,
+            "NetworkPolicy": 6, "SparkApplication": 2, "Job": 1, "InferenceService": 1}
 
 
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
@@ -155,7 +161,7 @@ def test_every_object_validates_strictly(rendered, name):
         except kubernetes_validate.SchemaNotFoundError:  # not a core kind: a custom resource
             validate(o)
             custom.append(o["kind"])
-    assert custom == ["SparkApplication"] * 2
+    assert sorted(custom) == ["InferenceService", "SparkApplication", "SparkApplication"]
 
 
 def test_core_validation_is_strict(rendered):
@@ -175,7 +181,7 @@ def test_namespaced_and_labelled(rendered, name):
         if o["kind"] != "Namespace":
             assert meta.get("namespace") == "topoflow", f"{o['kind']}/{meta['name']} outside namespace topoflow"
         assert meta["labels"].get("app.kubernetes.io/part-of") == "topoflow", meta["name"]
-        assert meta["labels"].get("app.kubernetes.io/component") in ("platform", "ingest", "prepare", "train")
+        assert meta["labels"].get("app.kubernetes.io/component") in ("platform", "ingest", "prepare", "train", "serve")
     ns = one(rendered, name, "Namespace", "topoflow")
     assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
 
@@ -190,7 +196,8 @@ def rules(rendered, role) -> set[tuple[str, str, str]]:
 def test_pipeline_role_is_exactly_what_the_runner_needs(rendered):
     apps = {("sparkoperator.k8s.io", "sparkapplications", v) for v in ("create", "get", "list", "watch", "delete")}
     logs = {("", r, v) for r in ("pods", "pods/log") for v in ("get", "list")}
-    assert rules(rendered, "topoflow-pipeline") == apps | logs
+    serving = {("serving.kserve.io", "inferenceservices", v) for v in ("create", "get", "update")}  # topoflow.deploy
+    assert rules(rendered, "topoflow-pipeline") == apps | logs | serving
 
 
 def test_spark_driver_role_manages_executors_only(rendered):
@@ -204,8 +211,12 @@ def test_bindings_and_tokens(rendered):
     for b in objects(rendered, "base", "RoleBinding"):
         assert b["roleRef"]["kind"] == "Role"
         assert b["subjects"] == [{"kind": "ServiceAccount", "name": b["roleRef"]["name"], "namespace": "topoflow"}]
-    for sa in ("topoflow-spark-executor", "topoflow-train"):  # no API access: no token
+    for sa in ("topoflow-spark-executor", "topoflow-train", "topoflow-serve"):  # no API access: no token
         assert one(rendered, "base", "ServiceAccount", sa)["automountServiceAccountToken"] is False
+    predictor = one(rendered, "base", "InferenceService", "topoflow")["spec"]["predictor"]
+    assert predictor["serviceAccountName"] == "topoflow-serve" and predictor["automountServiceAccountToken"] is False
+    # KServe's storage initializer finds the S3 keys through the account's Secrets (created by hand)
+    assert one(rendered, "base", "ServiceAccount", "topoflow-serve")["secrets"] == [{"name": "topoflow-serve-s3"}]
     job = one(rendered, "base", "Job", "topoflow-train-inclusive")["spec"]["template"]["spec"]
     assert job["automountServiceAccountToken"] is False
     for app in objects(rendered, "base", "SparkApplication"):
@@ -218,12 +229,13 @@ def test_bindings_and_tokens(rendered):
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
 def test_pods_are_locked_down(rendered, name):
     found = pods(rendered, name)
-    assert len(found) == 5  # two drivers, two executor templates, one training pod
+    assert len(found) == 6  # two drivers, two executor templates, one training pod, the predictor
     for where, pod, c, _ in found:
         sc = c["securityContext"]
-        assert pod["runAsNonRoot"] is True and pod["runAsUser"] == UID, where
+        uid = 1000 if c.get("runtime") == "kserve-tritonserver" else UID  # the user KServe's runtime runs Triton as
+        assert pod["runAsNonRoot"] is True and pod["runAsUser"] == uid, where
         assert pod["seccompProfile"] == {"type": "RuntimeDefault"}, where
-        assert sc["runAsNonRoot"] is True and sc.get("runAsUser", UID) == UID, where
+        assert sc["runAsNonRoot"] is True and sc.get("runAsUser", uid) == uid, where
         assert sc["readOnlyRootFilesystem"] is True, where
         assert sc["allowPrivilegeEscalation"] is False, where
         assert sc["capabilities"] == {"drop": ["ALL"]}, where
@@ -245,6 +257,10 @@ def test_requests_and_limits_everywhere(rendered, name):
         for c in job["spec"]["template"]["spec"]["containers"]:
             for which in ("requests", "limits"):
                 assert {"cpu", "memory"} <= set(c["resources"][which]), f"{c['name']}: {which}"
+    for where, _, c, _ in pods(rendered, name):
+        if where.startswith("InferenceService/"):  # a guaranteed pod: Knative's concurrency target per replica holds
+            assert c["resources"]["requests"] == c["resources"]["limits"] and {"cpu", "memory"} <= set(
+                c["resources"]["limits"]), where
 
 
 def test_gpu_only_in_the_gpu_overlay(rendered):
@@ -293,6 +309,21 @@ def test_spark_applications_run_the_cli(rendered):
     assert job["args"][:5] == ["train", "--config", "/etc/topoflow/config.yaml", "--model", "inclusive"]
 
 
+@pytest.mark.parametrize("name, runtime", [("base", "topoflow"), ("overlays/triton", "triton")])
+def test_the_inference_service_is_what_the_deploy_step_builds(rendered, name, runtime):
+    """kubectl apply -k and the pipeline's deploy step serve the same thing (config defaults, this model URL)."""
+    from topoflow.config import Config
+    from topoflow.deploy import inference_service
+
+    manifest = one(rendered, name, "InferenceService", "topoflow")
+    cfg = Config()
+    cfg.deploy.runtime = runtime
+    built = inference_service(manifest["metadata"]["annotations"]["topoflow/model-url"], cfg, namespace="topoflow")
+    assert manifest["spec"] == built["spec"]
+    assert {k: manifest["metadata"][k] for k in ("labels", "annotations")} == {
+        k: built["metadata"][k] for k in ("labels", "annotations")}
+
+
 def test_config_map_is_a_valid_topoflow_config(rendered, tmp_path):
     from topoflow import sparkapp
     from topoflow.config import load_config
@@ -318,13 +349,13 @@ def test_each_stage_applies_alone_on_the_platform(rendered):
     everything = objects(rendered, "overlays/dev")
     platform = {(o["kind"], o["metadata"]["name"]) for o in everything
                 if o["metadata"]["labels"]["app.kubernetes.io/component"] == "platform"}
-    for stage in ("ingest", "prepare", "train"):
+    for stage in ("ingest", "prepare", "train", "serve"):
         chosen = [o for o in everything if o["metadata"]["labels"]["app.kubernetes.io/component"] == stage]
         assert len(chosen) == 1, stage
         text = json.dumps(chosen[0])
         accounts = re.findall(r'"serviceAccount(?:Name)?": "([^"]+)"', text)
         maps = re.findall(r'"configMap": \{"name": "([^"]+)"', text)
-        assert accounts and maps
+        assert accounts and (maps or stage == "serve")  # the predictor reads no config: its arguments say it all
         for kind, ref in [*(("ServiceAccount", a) for a in accounts), *(("ConfigMap", m) for m in maps)]:
             assert (kind, ref) in platform, f"{stage} needs {kind}/{ref}, not in the platform"
 
@@ -348,9 +379,20 @@ def test_network_policies_deny_by_default_and_allow_what_each_pod_needs(rendered
             need.add("allow-spark-driver-executor")
         if labels.get("spark-role") == "driver":
             need.add("allow-kube-api-egress")  # drivers create their executor pods
+        if where.startswith("InferenceService/"):
+            need.add("allow-serving-ingress")
         assert applied == need, where
     dns = policies["allow-dns"]["egress"][0]
     assert {(p["protocol"], p["port"]) for p in dns["ports"]} == {("UDP", 53), ("TCP", 53)}
+
+    # the predictor takes requests only on the serving ports, only from Knative and the ingress gateway
+    serving = policies["allow-serving-ingress"]
+    assert serving["policyTypes"] == ["Ingress"]
+    allowed = {(peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"], port["port"])
+               for rule in serving["ingress"] for peer in rule["from"] for port in rule["ports"]}
+    assert allowed == {("istio-system", 8012), ("istio-system", 8080), ("knative-serving", 8012),
+                       ("knative-serving", 8080), ("knative-serving", 9090)}
+    assert all(set(peer) == {"namespaceSelector"} for rule in serving["ingress"] for peer in rule["from"])
 
 
 def test_images_carry_the_package_version(rendered):
@@ -359,8 +401,8 @@ def test_images_carry_the_package_version(rendered):
     kustomization = yaml.safe_load((REPO / "k8s" / "base" / "kustomization.yaml").read_text())
     assert {i["newTag"] for i in kustomization["images"]} == {VERSION}
     for name in KUSTOMIZATIONS:
-        used = {c["image"] for _, _, c, _ in pods(rendered, name)}
-        assert used == {images.SPARK, images.TRAIN}, used
+        used = {c["image"] for _, _, c, _ in pods(rendered, name)} - {None}  # None: Triton's runtime image
+        assert used == {images.SPARK, images.TRAIN} | ({images.SERVE} if name != "overlays/triton" else set()), used
     for tier in DOCKERFILES:
         text = (REPO / "images" / tier / "Dockerfile").read_text()
         assert f"ARG TOPOFLOW_VERSION={VERSION}\n" in text, tier

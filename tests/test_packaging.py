@@ -31,7 +31,7 @@ STAGE_IMPORTS = {  # what each tier must make importable: its stages' modules an
                  "topoflow.generate.validate", "pythia8mc", "fastjet", "matplotlib.pyplot", "mplhep", *STORAGE],
     "train": ["topoflow.train", "topoflow.evaluate", "topoflow.plots", "tf2onnx", "onnxruntime", "matplotlib.pyplot",
               *STORAGE],
-    "serve": ["topoflow.export", "topoflow.events", "onnxruntime", "kserve", *STORAGE],
+    "serve": ["topoflow.serve", "topoflow.export", "topoflow.events", "onnxruntime", "kserve", *STORAGE],
     "pipeline": ["kfp", "kfp.kubernetes", "kubernetes"],
 }
 

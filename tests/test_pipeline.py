@@ -2,9 +2,7 @@
 artifact types, resources, GPU, secrets, placement), and `kfp.local` runs the same pipeline to the
 same outputs as the CLI stages."""
 
-from __future__ import annotations
-
-import json
+import json  # no `from __future__ import annotations`: kfp reads the types of a component defined here
 import time
 
 import numpy as np
@@ -36,7 +34,8 @@ def test_compiled_pipeline_is_what_the_config_says(tmp_path):
     assert SECRET not in text and "key-id-0123" not in text, "no secret in the pipeline spec"
 
     tasks = spec["root"]["dag"]["tasks"]
-    assert sorted(tasks) == ["evaluate", "generate", "ingest", "prepare", "train", "train-2", "train-3"]
+    assert sorted(tasks) == ["condition-1", "evaluate", "generate", "ingest", "prepare", "train", "train-2",
+                             "train-3"]
     assert {tasks[t]["inputs"]["parameters"]["model_name"]["runtimeValue"]["constant"]
             for t in ("train", "train-2", "train-3")} == {"hlf", "gru", "inclusive"}
     assert Config.model_validate(yaml.safe_load(spec["root"]["inputDefinitions"]["parameters"]["config"]["defaultValue"])) \
@@ -53,12 +52,25 @@ def test_compiled_pipeline_is_what_the_config_says(tmp_path):
     assert sorted(set(artifacts("evaluate", "output").values())) == [
         "system.ClassificationMetrics", "system.HTML", "system.Markdown", "system.Metrics"]
 
+    # deploy runs after evaluate, only when evaluate chose a model (its output: the URL, or ""), on that URL
+    gate = tasks["condition-1"]
+    assert gate["dependentTasks"] == ["evaluate"] and gate["taskInfo"]["name"] == "good-enough-to-serve"
+    assert gate["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--evaluate-Output'] != ''"
+    outputs = spec["components"]["comp-evaluate"]["outputDefinitions"]["parameters"]
+    assert {k: v["parameterType"] for k, v in outputs.items()} == {"Output": "STRING"}
+    deploy = spec["components"]["comp-condition-1"]["dag"]["tasks"]["deploy"]
+    assert deploy["inputs"]["parameters"]["model_url"] == {"componentInputParameter": "pipelinechannel--evaluate-Output"}
+
     executors = spec["deploymentSpec"]["executors"]
     assert executors["exec-ingest"]["container"]["image"] == images.SPARK
     assert executors["exec-train"]["container"]["image"] == images.TRAIN
+    assert executors["exec-deploy"]["container"]["image"] == images.BASE
     for name, ex in executors.items():
         res = ex["container"]["resources"]
         assert res["cpuLimit"] == res["cpuRequest"] and res["memoryLimit"] == res["memoryRequest"], name
+        if name == "exec-deploy":  # it only talks to the API server: no data, no keys
+            assert name not in platform
+            continue
         env = {e["envVar"] for s in platform[name]["secretAsEnv"] for e in s["keyToEnv"]}
         assert env == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}, name
         assert platform[name]["secretAsEnv"][0]["secretName"] == "topoflow-s3"
@@ -94,9 +106,9 @@ def test_submit_to_an_unreachable_host_is_a_clear_error(capsys):
 
 @pytest.mark.spark
 @pytest.mark.slow
-def test_local_pipeline_run_equals_the_cli_stages(spark, delphes_dir, tmp_path):
+def test_local_pipeline_run_equals_the_cli_stages(spark, delphes_dir, tmp_path, monkeypatch):
     """`topoflow pipeline run --local` (kfp.local, every step a subprocess) writes what the stages
-    write when called one by one."""
+    write when called one by one; its deploy step runs, and reaches for no cluster."""
     from test_ingest import read_dataset
     from topoflow.ingest import ingest
     from topoflow.pipeline import run_local
@@ -113,8 +125,10 @@ def test_local_pipeline_run_equals_the_cli_stages(spark, delphes_dir, tmp_path):
         cfg.train.data, cfg.train.model, cfg.train.epochs, cfg.train.batch_size = str(base / "prepared"), "hlf", 2, 16
         cfg.train.output, cfg.train.checkpoint_dir = str(base / "models/{model}"), str(base / "ckpt/{model}")
         cfg.evaluate.output, cfg.pipeline.models = str(base / "report"), ["hlf"]
+        cfg.deploy.min_auc = 0.0  # any model with every class in the test split passes
         return cfg
 
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)  # not a pod, whatever runs the tests
     run_local(config(tmp_path / "kfp"), tmp_path / "kfp-root")
     cli = config(tmp_path / "cli")
     ingest(cli, spark, show_progress=False)
@@ -140,6 +154,39 @@ def test_local_pipeline_run_equals_the_cli_stages(spark, delphes_dir, tmp_path):
     assert logged["metrics"]["hlf_accuracy"] == pytest.approx(report["hlf"]["accuracy"])
     assert logged["hlf_classification"]["confusionMatrix"]["rows"][1]["row"] == report["hlf"]["confusion"][1]
     assert logged["hlf_classification"]["confidenceMetrics"][-1]["recall"] == 1.0, "the ROC curve ends at (1, 1)"
+    chosen = json.loads((evaluated / "executor_output.json").read_text())["parameterValues"]["Output"]
+    judged = None not in report["hlf"]["auc"].values()  # these few test events may lack a class
+    assert chosen == (str(kfp / "models/hlf") if judged else "")
+    assert [p.parent.name for p in (tmp_path / "kfp-root").rglob("deploy/executor_output.json")] == (
+        ["deploy"] if judged else [])
+
+
+@pytest.mark.filterwarnings("ignore:.*non-Python base image", "ignore:.*no effect in the current local runner")
+def test_a_local_run_goes_through_the_deploy_gate_and_reaches_no_cluster(tmp_path, monkeypatch):
+    """The gate of the pipeline behind a stand-in for evaluate, under kfp.local: a chosen model's URL opens it
+    and the deploy step runs, and skips (no pod here); "" keeps it shut."""
+    from kfp import dsl, local
+
+    from pipelines.topoflow_pipeline import serve_if_chosen
+    from topoflow.steps import config_text
+
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    cfg = Config()
+
+    @dsl.component(base_image=images.BASE, install_kfp_package=False)
+    def chose(url: str) -> str:
+        return url
+
+    @dsl.pipeline
+    def gate(config: str, url: str):
+        serve_if_chosen(config, chose(url=url), cfg.pipeline)
+
+    for url in ("s3://topoflow-data/models/inclusive", ""):
+        root = tmp_path / (url and "chosen" or "none")
+        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+        gate(config=config_text(cfg), url=url)
+        outputs = [json.loads(p.read_text()) for p in root.rglob("deploy/executor_output.json")]
+        assert [o["parameterValues"] for o in outputs] == ([{"Output": ""}] if url else [])
 
 
 def test_pipeline_needs_its_extra_named(monkeypatch, capsys):

@@ -100,6 +100,84 @@ examples:
 """
 
 
+_PREDICT_HELP = """\
+Score events with an exported model, on Spark. Inputs are Delphes ROOT files (paths, root://,
+s3:// URLs or globs; --input is repeatable), read through ingestion's selection and features, or
+one ingested dataset (a folder written by topoflow ingest, given alone), whose true classes are kept.
+Writes one Parquet row per event read, published atomically (_manifest.json last):
+
+  source_file, entry        where the event comes from
+  selected                  whether it passes the selection (an isolated lepton, as ingest selects)
+  p_qcd, p_ttbar, p_wjets   the model's probabilities (null when not selected)
+  predicted                 the most probable class (null when not selected)
+  label                     the true class (ingested datasets only)
+
+The model runs with ONNX Runtime (the folder's model.onnx), loaded once per Spark executor process.
+ROOT files are read with the ingest settings (ingest.muon_collection, ingest.entries_per_partition);
+with --on-bad-file skip, unreadable files or entries are left out and listed in _skipped.json.
+
+examples:
+  topoflow predict --model out/models/inclusive --input 'data/delphes/*.root' --output out/predictions
+  topoflow predict --model s3://bucket/models/inclusive --input 'root://eos.example//store/run1/*.root' \\
+      --input s3://bucket/run2/extra.root --output s3://bucket/predictions --master 'local[8]'
+  topoflow predict --model out/models/hlf --input out/ingested --output out/predictions-ingested
+
+reading the output with pandas:
+  import pandas as pd
+  df = pd.read_parquet("out/predictions")         # one row per event read
+  df[df.selected].groupby("predicted").size()     # events per predicted class
+  ttbar = df[df.p_ttbar > 0.9]                    # a tight tt̄ selection (nulls compare False)
+"""
+
+
+_SERVE_HELP = """\
+Serve an exported model with KServe's model server: KServe V1 and V2 (Open Inference Protocol)
+over REST, and V2 over gRPC. It takes raw events, the Delphes collections of each event as JSON
+(the fields of SPEC.md; one object per collection entry, or an object of equal-length lists), run
+through ingestion's selection and features; or the features themselves: V2 tensors hlf FP32 [n,14]
+and particles FP32 [n,L,19] (unscaled, as ingest writes them; L <= 801, zero rows at the end),
+optional lengths INT64 [n]. The model's own preprocessing is applied.
+
+Answers: the probabilities of qcd, ttbar, wjets, the predicted class, and, for raw events,
+whether each passed the selection; an event it rejects gets NaN probabilities (null in JSON)
+and no class.
+Concurrent requests are batched (serve.max_batch_events, serve.max_wait_ms). It listens on
+127.0.0.1 unless --host says otherwise (0.0.0.0 in a container); it is ready
+(/v2/health/ready) once the model is loaded and warmed up. A bad request gets 400 (gRPC
+INVALID_ARGUMENT) naming the field; bodies over serve.max_request_bytes get 413; at most
+serve.max_events_per_request events per request.
+
+examples:
+  topoflow serve --model out/models/inclusive
+  topoflow serve --model s3://bucket/models/inclusive --host 0.0.0.0 --set serve.threads=2
+
+calling it:
+  curl localhost:8080/v2/health/ready
+  curl localhost:8080/v1/models/topoflow:predict -H 'Content-Type: application/json' \\
+      -d '{"instances": [{"Electron": [{"PT": 41.2, "Eta": 0.3, "Phi": 1.1, "Charge": -1}],
+           "Muon": [], "Jet": {"PT": [55.0], "Eta": [0.1], "BTag": [1]},
+           "MissingET": {"MET": 38.0, "Phi": -2.0}, "EFlowTrack": [], "EFlowPhoton": [],
+           "EFlowNeutralHadron": []}]}'
+  curl localhost:8080/v2/models/topoflow/infer -H 'Content-Type: application/json' \\
+      -d '{"inputs": [{"name": "hlf", "datatype": "FP32", "shape": [1, 14],
+                       "data": [120, 38, -2, 70, 2, 1, 41.2, 0.3, 1.1, 0, 0, 0, -1, 1]},
+                      {"name": "particles", "datatype": "FP32", "shape": [1, 1, 19],
+                       "data": [43.1, 18.7, 36.7, 12.6, 41.2, 0.3, 1.1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, -1]}]}'
+  # raw events over V2: {"name": "events", "datatype": "BYTES", "shape": [k], "data": ["<event JSON>", ...]}
+
+  python, gRPC (port 8081; answers come as raw bytes, in the order probabilities, predicted[, selected]):
+    import grpc, numpy as np
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb, grpc_predict_v2_pb2_grpc as rpc
+    stub = rpc.GRPCInferenceServiceStub(grpc.insecure_channel("localhost:8081"))
+    hlf, particles = np.zeros((1, 14), np.float32), np.zeros((1, 1, 19), np.float32)
+    tensor = pb.ModelInferRequest.InferInputTensor
+    response = stub.ModelInfer(pb.ModelInferRequest(model_name="topoflow", inputs=[
+        tensor(name="hlf", datatype="FP32", shape=hlf.shape), tensor(name="particles", datatype="FP32",
+        shape=particles.shape)], raw_input_contents=[hlf.tobytes(), particles.tobytes()]))
+    probs = np.frombuffer(response.raw_output_contents[0], np.float32).reshape(-1, 3)
+"""
+
+
 _PIPELINE_HELP = """\
 The whole pipeline as Kubeflow Pipelines v2: [generate] → ingest → prepare → train (hlf, gru,
 inclusive in parallel) → evaluate. On a cluster, ingest and prepare run as SparkApplications
@@ -179,6 +257,23 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", metavar="URL", help="prepared dataset (its test split is used) or an ingested "
                     "one (every event, each model's own preprocessing) (evaluate.data)")
     ev.add_argument("--output", metavar="URL", help="report folder (evaluate.output)")
+
+    pred = stage("predict", "exported model + ROOT files or an ingested dataset → predictions per event",
+                 _PREDICT_HELP, _run_predict, writes, spark)
+    pred.add_argument("--model", metavar="URL", help="exported model folder (predict.model)")
+    pred.add_argument("--input", dest="inputs", action="append", metavar="URL",
+                      help="Delphes ROOT files: path, URL or glob (repeatable), or one ingested dataset "
+                      "(predict.inputs)")
+    pred.add_argument("--output", metavar="URL", help="where to write the Parquet predictions (predict.output)")
+    pred.add_argument("--on-bad-file", choices=("fail", "skip"), help="as for ingest (ingest.on_bad_file)")
+
+    srv = stage("serve", "exported model → KServe model server (V1/V2 REST, V2 gRPC)", _SERVE_HELP, _run_serve)
+    srv.add_argument("--model", metavar="URL", help="exported model folder (serve.model)")
+    srv.add_argument("--name", help="the model's name in request paths (serve.name)")
+    srv.add_argument("--backend", choices=("onnx", "saved_model"), help="ONNX Runtime or TensorFlow (serve.backend)")
+    srv.add_argument("--host", metavar="ADDR", help="listen address (serve.host, default 127.0.0.1)")
+    srv.add_argument("--http-port", type=int, metavar="N", help="REST port (serve.http_port)")
+    srv.add_argument("--grpc-port", type=int, metavar="N", help="gRPC port (serve.grpc_port)")
 
     pipe = stage("pipeline", "the Kubeflow pipeline: compile it, submit a run, or run it locally", _PIPELINE_HELP,
                  _run_pipeline)
@@ -290,6 +385,18 @@ def _run_evaluate(config: Config, args) -> None:
     print(evaluate(config).table())
 
 
+def _run_predict(config: Config, args) -> None:
+    from topoflow.predict import predict
+
+    print(predict(config, show_progress=not args.no_progress).table())
+
+
+def _run_serve(config: Config, args) -> None:
+    from topoflow.serve import serve
+
+    serve(config)
+
+
 _STAGE_OVERRIDES = {
     "generate": _generate_overrides,
     "ingest": _ingest_overrides,
@@ -297,11 +404,14 @@ _STAGE_OVERRIDES = {
     + (["prepare.from_original=true"] if a.from_original else []),
     "train": lambda a: _flag_overrides("train", a, ("model", "data", "output", "epochs")),
     "evaluate": lambda a: _flag_overrides("evaluate", a, ("models", "data", "output")),
+    "serve": lambda a: _flag_overrides("serve", a, ("model", "name", "backend", "host", "http_port", "grpc_port")),
+    "predict": lambda a: _flag_overrides("predict", a, ("model", "inputs", "output"))
+    + ([f"ingest.on_bad_file={a.on_bad_file}"] if a.on_bad_file else []),
 }
 
 
 _EXTRAS = {"generate": "generate", "ingest": "spark", "prepare": "spark", "train": "train", "evaluate": "train",
-           "pipeline": "pipeline"}  # the extra each command needs
+           "predict": "spark,serve", "serve": "serve", "pipeline": "pipeline"}  # the extra(s) each command needs
 
 
 def _stop(signum, frame):

@@ -186,6 +186,7 @@ def read_range(r: Range, cfg: StorageConfig, batch_size: int, skip: bool = False
     try:
         for first, arrays in delphes.read_batches(info, cfg, r.start, r.stop, batch_size):
             try:
+                arrays = features.jagged(arrays)  # converted once for both
                 features.check_finite(arrays)
                 feats = features.compute(arrays)
             except features.EventError as e:

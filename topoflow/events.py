@@ -23,7 +23,7 @@ from typing import Any
 import awkward as ak
 import numpy as np
 
-from topoflow.features import INPUT_FIELDS
+from topoflow.features import INPUT_FIELDS, Branches, Jagged, jagged
 
 
 class EventsError(ValueError):
@@ -34,8 +34,8 @@ class EventsError(ValueError):
         self.where, self.problem = where, problem
 
 
-def to_arrays(events: Any, where: str = "events") -> dict[str, ak.Array]:
-    """``{"Collection.Field": jagged array}`` for a list of JSON events (see the module docstring)."""
+def to_arrays(events: Any, where: str = "events") -> Branches:
+    """``{"Collection.Field": Jagged}`` for a list of JSON events (see the module docstring)."""
     if not isinstance(events, list):
         raise EventsError(where, f"expected a list of events, got {_kind(events)}")
     values: dict[str, list[float]] = {f"{c}.{f}": [] for c, fs in INPUT_FIELDS.items() for f in fs}
@@ -58,7 +58,7 @@ def to_arrays(events: Any, where: str = "events") -> dict[str, ak.Array]:
         if not np.isfinite(array).all():
             raise EventsError(_locate(name, counts[collection], int(np.flatnonzero(~np.isfinite(array))[0]), where),
                               "not a finite number")
-        out[name] = ak.unflatten(array, np.asarray(counts[collection], dtype=np.int64))
+        out[name] = Jagged(array, np.asarray(counts[collection], dtype=np.int64))
     return out
 
 
@@ -105,10 +105,11 @@ def _kind(v: Any) -> str:
         type(v), type(v).__name__)
 
 
-def from_arrays(arrays: dict[str, ak.Array]) -> list[dict]:
+def from_arrays(arrays: dict[str, ak.Array | Jagged]) -> list[dict]:
     """The JSON events (columnar) of the arrays :func:`topoflow.delphes.read_batches` yields: what a
     client reading Delphes files sends. ``to_arrays(from_arrays(a))`` holds the values of ``a``."""
-    n = len(arrays["MissingET.MET"])
-    lists = {name: ak.to_list(arrays[name]) for c, fs in INPUT_FIELDS.items() for name in (f"{c}.{f}" for f in fs)}
-    return [{c: {f: [float(v) for v in lists[f"{c}.{f}"][i]] for f in fs} for c, fs in INPUT_FIELDS.items()}
-            for i in range(n)]
+    arrays = jagged(arrays)
+    lists = {name: np.split(arrays[name].values.astype(np.float64), np.cumsum(arrays[name].counts)[:-1])
+             for c, fs in INPUT_FIELDS.items() for name in (f"{c}.{f}" for f in fs)}
+    return [{c: {f: lists[f"{c}.{f}"][i].tolist() for f in fs} for c, fs in INPUT_FIELDS.items()}
+            for i in range(len(arrays["MissingET.MET"]))]

@@ -156,15 +156,24 @@ class Exported:
 
     def predict_padded(self, hlf: np.ndarray, particles: np.ndarray, lengths: np.ndarray | None = None,
                        batch: int = 256) -> np.ndarray:
-        """:meth:`predict` for particles given padded at the end ``(n, L, 19)``, with each event's
-        ``lengths`` (default: up to its last row that is not all zeros)."""
-        n, length = particles.shape[:2]
-        if lengths is None:
-            real = np.any(particles != 0, axis=2)
-            lengths = np.where(real.any(axis=1), length - np.argmax(real[:, ::-1], axis=1), 0)
-        lengths = np.asarray(lengths, dtype=np.int64)
-        rows = particles[np.arange(length)[None, :] < lengths[:, None]]
+        """:meth:`predict` for particles given padded at the end ``(n, L, 19)`` (see :func:`unpad`)."""
+        rows, lengths = unpad(particles, lengths)
         return self.predict(hlf, rows, lengths, batch)
+
+
+def unpad(particles: np.ndarray, lengths: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of events padded at the end ``(n, L, 19)`` back to back, and each event's length:
+    ``lengths`` if given (a ValueError unless 0 ≤ length ≤ L), else up to its last row that is not all
+    zeros (a real particle always has energy)."""
+    n, length = particles.shape[:2]
+    if lengths is None:
+        real = np.any(particles != 0, axis=2)
+        last = np.argmax(real[:, ::-1], axis=1) if length else np.zeros(n, np.int64)  # argmax refuses L = 0
+        lengths = np.where(real.any(axis=1), length - last, 0)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(bad := np.flatnonzero((lengths < 0) | (lengths > length))):
+        raise ValueError(f"{lengths[bad[0]]} at [{bad[0]}], expected 0 to {length} (the rows per event)")
+    return particles[np.arange(length)[None, :] < lengths[:, None]], lengths
 
 
 def _keras(fs, path: str, url: str, threads: int | None) -> Runner:

@@ -75,12 +75,37 @@ class _Flat:
         return _Flat(self.evt[idx], {k: v[idx] for k, v in self.cols.items()})
 
 
-def _flatten(arrays: dict[str, ak.Array], collection: str, fields: tuple[str, ...]) -> _Flat:
-    first = arrays[f"{collection}.{fields[0]}"]
-    counts = ak.to_numpy(ak.num(first))
+@dataclass
+class Jagged:
+    """One branch of a batch of events: the values of all events back to back, and each event's count."""
+
+    values: np.ndarray
+    counts: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+
+Branches = dict[str, Jagged]
+
+
+def jagged(arrays: dict[str, ak.Array | Jagged]) -> Branches:
+    """The branches as :class:`Jagged` numpy arrays: awkward arrays (as uproot reads them) are converted
+    once here, since awkward's per-call overhead would dominate small batches (a served event)."""
+    out = {}
+    for name, arr in arrays.items():
+        if not isinstance(arr, Jagged):
+            flat = arr.ndim == 1
+            arr = Jagged(ak.to_numpy(arr if flat else ak.flatten(arr)),
+                         np.ones(len(arr), dtype=np.int64) if flat else ak.to_numpy(ak.num(arr)))
+        out[name] = arr
+    return out
+
+
+def _flatten(arrays: Branches, collection: str, fields: tuple[str, ...]) -> _Flat:
+    counts = arrays[f"{collection}.{fields[0]}"].counts
     evt = np.repeat(np.arange(len(counts)), counts)
-    cols = {f: ak.to_numpy(ak.flatten(arrays[f"{collection}.{f}"])).astype(np.float64) for f in fields}
-    return _Flat(evt, cols)
+    return _Flat(evt, {f: arrays[f"{collection}.{f}"].values.astype(np.float64) for f in fields})
 
 
 class EventError(ValueError):
@@ -91,11 +116,10 @@ class EventError(ValueError):
         super().__init__(f"{problem} (event {index} of the batch)")
 
 
-def check_finite(arrays: dict[str, ak.Array]) -> None:
+def check_finite(arrays: dict[str, ak.Array | Jagged]) -> None:
     """Raise :class:`EventError` for the first event holding NaN or infinity in any branch."""
-    for name, arr in arrays.items():
-        counts = np.ones(len(arr), dtype=np.int64) if arr.ndim == 1 else ak.to_numpy(ak.num(arr))
-        flat = ak.to_numpy(ak.flatten(arr, axis=None))
+    for name, arr in jagged(arrays).items():
+        counts, flat = arr.counts, arr.values
         if flat.dtype.kind == "f":
             bad = np.flatnonzero(~np.isfinite(flat))
             if len(bad):
@@ -193,8 +217,9 @@ def _rank_in_event(evt: np.ndarray, key: np.ndarray) -> np.ndarray:
     return rank
 
 
-def compute(arrays: dict[str, ak.Array]) -> Features:
+def compute(arrays: dict[str, ak.Array | Jagged]) -> Features:
     """Select events with an isolated lepton and build their features (SPEC.md)."""
+    arrays = jagged(arrays)
     n_events = len(arrays["MissingET.MET"])
     tracks = _flatten(arrays, "EFlowTrack", ("PT", "Eta", "Phi", "X", "Y", "Z", "Charge"))
     photons = _flatten(arrays, "EFlowPhoton", ("ET", "Eta", "Phi"))
@@ -252,16 +277,18 @@ def compute(arrays: dict[str, ak.Array]) -> Features:
 
 def _high_level(arrays, events, lep: _Flat, lep_iso: np.ndarray, n_events: int) -> np.ndarray:
     jets = _flatten(arrays, "Jet", ("PT", "Eta"))
-    btag = ak.to_numpy(ak.flatten(arrays["Jet.BTag"])).astype(np.int64) & 1
+    btag = arrays["Jet.BTag"].values.astype(np.int64) & 1
     good = (jets["PT"] > JET_PT_MIN) & (np.abs(jets["Eta"]) < JET_ETA_MAX)
     ht = np.bincount(jets.evt[good], weights=jets["PT"][good], minlength=n_events)[events]
     n_jets = np.bincount(jets.evt[good], minlength=n_events)[events]
     n_b = np.bincount(jets.evt[good & (btag == 1)], minlength=n_events)[events]
-    no_met = np.flatnonzero(ak.to_numpy(ak.num(arrays["MissingET.MET"]))[events] == 0)
+    met_counts = arrays["MissingET.MET"].counts
+    no_met = np.flatnonzero(met_counts[events] == 0)
     if len(no_met):
         raise EventError("no MissingET entry", int(events[no_met[0]]))
-    met = ak.to_numpy(ak.firsts(arrays["MissingET.MET"])[events]).astype(np.float64)
-    met_phi = ak.to_numpy(ak.firsts(arrays["MissingET.Phi"])[events]).astype(np.float64)
+    first = (np.cumsum(met_counts) - met_counts)[events]  # the first MissingET entry of each event
+    met = arrays["MissingET.MET"].values[first].astype(np.float64)
+    met_phi = arrays["MissingET.Phi"].values[first].astype(np.float64)
     mt = np.sqrt(2 * met * lep["PT"] * (1 - np.cos(delta_phi(lep["Phi"], met_phi))))
     return np.column_stack([
         ht, met, met_phi, mt, n_jets, n_b, lep["PT"], lep["Eta"], lep["Phi"],

@@ -3,19 +3,23 @@ and the URLs the step before produced, runs one stage, and returns the URL it wr
 body (``components/``) calls exactly one of them, so the pipeline runs the very code the CLI runs.
 
 On a cluster the Spark stages (ingest, prepare) are launched as SparkApplications when
-``pipeline.spark_launcher`` is ``kubernetes``; otherwise Spark runs in the step's own process.
+``pipeline.spark_launcher`` is ``kubernetes``; otherwise Spark runs in the step's own process. After
+evaluation, :func:`choose` picks the model to serve and :func:`deploy` serves it with KServe.
+
+Storage (fsspec) is imported where it is used: the deploy step runs in the small launcher image, which has
+only the Kubernetes client.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+from dataclasses import dataclass
 from html import escape as html_escape
 from pathlib import Path
 
-
-from topoflow import CLASSES, images, storage
-from topoflow.config import Config, load_config
+from topoflow import CLASSES, images, kube
+from topoflow.config import Config, DeployConfig, load_config
 
 def config_text(cfg: Config) -> str:
     """The configuration for a pipeline parameter: never a secret (tasks get them from Kubernetes
@@ -27,6 +31,8 @@ def config_text(cfg: Config) -> str:
 def record(artifact, url: str, text: str) -> None:
     """Point a kfp artifact at the data a stage wrote (the data stay where the config puts them:
     Spark executors on other pods must reach them) and keep the stage's manifest in it."""
+    from topoflow import storage
+
     artifact.metadata["url"] = url
     Path(artifact.path).parent.mkdir(parents=True, exist_ok=True)
     content = json.dumps({"url": url}).encode()
@@ -49,6 +55,8 @@ def generate(text: str) -> str:
 
 
 def ingest(text: str, generated: str = "") -> str:
+    from topoflow import storage
+
     cfg = load_config(text=text)
     if generated:
         cfg.ingest.datasets = {c: [storage.join(generated, f"{c}_*.root")] for c in CLASSES}
@@ -78,6 +86,7 @@ def evaluate(text: str, prepared: str, models: dict[str, str], metrics=None, cla
     """Evaluate the trained models and fill the kfp outputs: scalar ``metrics``, a confusion matrix
     and the tt̄ ROC curve per model (``classification``: name → artifact), the report as Markdown
     and as HTML with its plots."""
+    from topoflow import storage
     from topoflow.evaluate import evaluate as run
     from topoflow.metrics import roc_points
 
@@ -108,6 +117,73 @@ def evaluate(text: str, prepared: str, models: dict[str, str], metrics=None, cla
             for p in sorted(fs.glob(storage.join(path, "*.png"))))
         Path(html.path).write_text(f"<html><body><pre>{html_escape(text_md, quote=False)}</pre>{pictures}</body></html>")
     return report
+
+
+@dataclass
+class Choice:
+    """The model to serve: the evaluated model with the best mean test AUC, and whether it is deployed."""
+
+    model: str
+    url: str
+    mean_auc: float
+    worst: str  # the class with the smallest AUC
+    deploy: bool
+    why: str
+
+    @property
+    def to_serve(self) -> str:
+        """The URL to deploy, "" when none: the evaluate step's output, which gates the deploy step."""
+        return self.url if self.deploy else ""
+
+
+def choose(text: str, results: dict[str, dict], log=print) -> Choice:
+    """Pick the model with the best mean one-against-the-rest AUC on the test split from the evaluate
+    report's ``results`` (model name → :func:`topoflow.metrics.metrics` plus ``model_url``), and decide whether
+    to deploy it: only when ``deploy.enabled`` and its *smallest* per-class AUC reaches ``deploy.min_auc``
+    (a trigger that loses one topology is no good, however well it separates the others). A class the test
+    split lacks has no AUC: the model cannot be judged and is not deployed."""
+    dc: DeployConfig = load_config(text=text).deploy
+
+    def mean(r: dict) -> float:
+        aucs = [a for a in r["auc"].values() if a is not None]
+        return sum(aucs) / len(aucs) if aucs else 0.0
+
+    name = max(results, key=lambda n: mean(results[n]))
+    aucs = results[name]["auc"]
+    missing = [c for c, a in aucs.items() if a is None]
+    worst = missing[0] if missing else min(aucs, key=aucs.get)
+    if missing:
+        deploy, why = False, f"the test split has no {', '.join(missing)} events: its AUC is undefined"
+    elif aucs[worst] < dc.min_auc:
+        deploy, why = False, f"its {worst} AUC {aucs[worst]:.4f} is below deploy.min_auc {dc.min_auc:g}"
+    elif not dc.enabled:
+        deploy, why = False, "deploy.enabled is false"
+    else:
+        deploy, why = True, f"its smallest AUC, {worst} {aucs[worst]:.4f}, reaches deploy.min_auc {dc.min_auc:g}"
+    choice = Choice(name, results[name]["model_url"], mean(results[name]), worst, deploy, why)
+    log(f"best model: {name} (mean test AUC {choice.mean_auc:.4f}, {choice.url}); "
+        f"{'deploying' if deploy else 'not deploying'}: {why}")
+    return choice
+
+
+def deploy(text: str, model_url: str, log=print) -> str:
+    """Serve ``model_url`` as the KServe InferenceService ``deploy.name`` in ``pipeline.namespace`` and return
+    its URL, or "" when skipped: when ``deploy.enabled`` is false, and when not running in a pod of the
+    cluster (``topoflow pipeline run --local``, a laptop): a local run never reaches for a cluster, not even
+    the one a kubeconfig names."""
+    cfg = load_config(text=text)
+    if not cfg.deploy.enabled:
+        log("deploy skipped: deploy.enabled is false")
+        return ""
+    if not kube.in_cluster():
+        log(f"deploy skipped: not running in a Kubernetes pod (a local run); to serve {model_url}, run the "
+            "pipeline on the cluster or apply k8s/ (component serve)")
+        return ""
+    from topoflow.deploy import deploy as run
+
+    url = run(model_url, cfg, namespace=cfg.pipeline.namespace, log=log)
+    log(f"serving {model_url} at {url}")
+    return url
 
 
 def _thin(n: int, most: int = 200):
