@@ -172,3 +172,29 @@ def test_cli_scores_files_and_teaches(spark, delphes_dir, model, tmp_path, capsy
     assert "50 of 120 events read" in printed and f"written to {out}" in printed
     assert main(["predict", "--model", str(model), "--output", str(out)]) == 2
     assert "nothing to score: pass --input" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_serving_the_same_events_gives_predicts_answers(spark, delphes_dir, model, tmp_path):
+    """`topoflow predict` on the real files and `topoflow serve` sent the same events as raw JSON (V1)
+    agree event by event: selection, probabilities (to 1e-5) and class."""
+    from test_serve import Server, v1_outputs
+    from topoflow import delphes, events
+
+    out = tmp_path / "predictions"
+    predict(_config(model, [delphes_dir / "*.root"], out), spark, show_progress=False)
+    rows = _rows(out).set_index(["file", "entry"])
+    server = Server(model, tmp_path / "serve.log")
+    try:
+        server.wait()
+        for name in SAMPLES.values():
+            info = delphes.probe(str(delphes_dir / name), Config().storage)
+            (_, arrays), = delphes.read_batches(info, Config().storage, 0, info.entries, info.entries)
+            r = server.http.post("/v1/models/topoflow:predict", json={"instances": events.from_arrays(arrays)})
+            assert r.status_code == 200, r.text
+            served, want = v1_outputs(r.json()), rows.loc[[(name, e) for e in range(info.entries)]]
+            np.testing.assert_array_equal(served["selected"], want.selected)
+            np.testing.assert_allclose(served["probabilities"], want[PROBS].to_numpy(dtype=float), atol=1e-5)
+            np.testing.assert_array_equal(served["predicted"], want.predicted.fillna(""))
+    finally:
+        server.stop()
