@@ -226,7 +226,8 @@ def naive_server(model: str, http: int, grpc: int) -> None:
             counts = x["lengths"]
             rows = x["particles"][np.arange(x["particles"].shape[1])[None, :] < counts[:, None]]
             probs = self.keras.predict(self.exported.model_inputs(x["hlf"], rows, counts), verbose=0)
-            return InferResponse(request.id, self.name, [InferOutput("probabilities", list(probs.shape), "FP32", probs)])
+            return InferResponse(request.id or "0", self.name,
+                                 [InferOutput("probabilities", list(probs.shape), "FP32", probs)])
 
     m = Naive(NAME)
     m.load()

@@ -205,6 +205,7 @@ def _onnx(fs, path: str, url: str, threads: int | None) -> Runner:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads or 0, 1
     opts.log_severity_level = 3  # errors only: its warnings about unused initializers are noise
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads leave the cores
     try:
         sess = ort.InferenceSession(fs.cat(storage.join(path, ONNX_FILE)), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT's own error types (Fail, InvalidGraph, ...) for a damaged file

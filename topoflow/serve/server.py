@@ -13,7 +13,9 @@ What KServe 0.21 does on its own, and what this changes:
   again inside the request;
 - it lets any client unload or reload a model (the V2 repository extension): refused here (501);
 - it logs every request (an access line, timing lines and a gRPC line; ≈ 30 % of throughput):
-  only warnings and errors here.
+  only warnings and errors here, and the REST timing middleware, which reads the process's CPU time
+  twice per request, is left out;
+- Starlette decodes JSON bodies with the standard library: orjson here.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import socket
 import warnings
 from concurrent import futures
 
+import orjson
 from fastapi.exceptions import FastAPIDeprecationWarning
 from grpc import aio
 from kserve import ModelServer
@@ -37,6 +40,7 @@ from kserve.protocol.grpc.servicer import InferenceServicer
 from kserve.protocol.model_repository_extension import ModelRepositoryExtension
 from kserve.protocol.rest.server import RESTServer
 from starlette.exceptions import HTTPException
+from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from topoflow.config import Config, ServeConfig
@@ -50,7 +54,16 @@ def serve(cfg: Config) -> None:
     """Serve the exported model ``cfg.serve.model`` until SIGINT or SIGTERM."""
     warnings.filterwarnings("ignore", "ORJSONResponse is deprecated", FastAPIDeprecationWarning)  # KServe's use
     logging.getLogger("kserve").addFilter(_quiet_refusals)
+    Request.json = _orjson_body  # this process serves only KServe's app
     _Server(cfg.serve).start([TopoflowModel(cfg)])
+
+
+async def _orjson_body(self: Request):
+    """Starlette's ``Request.json`` with orjson (a KServe dependency) instead of the standard library's
+    json, which took a quarter of a single-event V2 REST request's time (≈ 5x slower on float lists)."""
+    if not hasattr(self, "_json"):
+        self._json = orjson.loads(await self.body())
+    return self._json
 
 
 def _quiet_refusals(record: logging.LogRecord) -> bool:
@@ -131,7 +144,8 @@ class _RESTServer(RESTServer):
         self.config.host, self._max_bytes = host, max_bytes
 
     def _add_middlewares(self, app) -> None:
-        super()._add_middlewares(app)
+        """The body limit only. KServe's own middleware times every request for its trace log (silenced
+        here), reading the process's CPU time twice per request: a quarter of the server's time."""
         app.add_middleware(_BodyLimit, limit=self._max_bytes)
 
     def _add_exception_handlers(self, app) -> None:
