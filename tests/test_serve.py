@@ -354,9 +354,9 @@ def _bad(ref: Reference, case: str):
             {"name": "hlf", "datatype": "FP32", "shape": [2, 14], "data": [1.0] * 27},
             v2_tensors(good)["inputs"][1]]}}, 400,
             r"input 'hlf': the data do not make a FP32 tensor of shape \[2, 14\]"),
-        "nan": (infer, {"content": json.dumps(v2_tensors(good | {"hlf": np.where(  # the NaN literal Python's JSON reads
-            np.eye(2, 14, 3) > 0, np.nan, good["hlf"]).astype(np.float32)})).encode(), **json_body}, 400,
-                r"input 'hlf': not a finite number at \[0, 3\]"),
+        "nan": (infer, {"content": json.dumps(v2_tensors(good | {"hlf": np.where(  # NaN is no JSON: refused unread
+            np.eye(2, 14, 3) > 0, np.nan, good["hlf"]).astype(np.float32)})).encode(), **json_body}, 422,
+                r"JSON decode error"),
         "too-many-rows": (infer, {"json": v2_tensors(tensors(ref, [0], extra_rows=MAX_PARTICLES))}, 400,
                           r"input 'particles': \d+ rows per event, at most 801"),
         "lengths-out-of-range": (infer, {"json": v2_tensors(good | {"lengths": good["lengths"] + 1000})}, 400,
@@ -394,12 +394,15 @@ def test_a_bad_request_is_a_4xx_naming_the_problem_and_the_server_stays_ready(se
     ("wrong-dtype", grpc.StatusCode.INVALID_ARGUMENT, r"input 'hlf': datatype FP64, expected FP32"),
     ("missing-field", grpc.StatusCode.INVALID_ARGUMENT, r"events\[0\]\.Jet\.PT: missing field"),
     ("too-large", grpc.StatusCode.RESOURCE_EXHAUSTED, r"larger than max"),
+    ("nan", grpc.StatusCode.INVALID_ARGUMENT, r"input 'hlf': not a finite number at \[0, 3\]"),
 ])
 def test_a_bad_grpc_request_gets_its_status_and_the_server_stays_ready(server, ref, case, code, message):
     good = tensors(ref, [0, 1])
     request = {"wrong-dtype": lambda: grpc_request(good | {"hlf": good["hlf"].astype(np.float64)}),
                "missing-field": lambda: grpc_request(texts=[json.dumps(_without(ref.json[0], "Jet", "PT"))]),
-               "too-large": lambda: grpc_request({"hlf": np.zeros((MAX_BYTES // 56 + 1, 14), np.float32)})}[case]()
+               "too-large": lambda: grpc_request({"hlf": np.zeros((MAX_BYTES // 56 + 1, 14), np.float32)}),
+               "nan": lambda: grpc_request(good | {"hlf": np.where(np.eye(2, 14, 3) > 0, np.nan, good["hlf"])
+                                                   .astype(np.float32)})}[case]()
     with pytest.raises(grpc.RpcError) as e:
         server.grpc.ModelInfer(request)
     assert e.value.code() == code and re.search(message, e.value.details()), (e.value.code(), e.value.details())
