@@ -56,6 +56,11 @@ bench: install system-deps
 	$(BIN)/python benchmarks/input_pipeline.py
 	$(BIN)/python benchmarks/training_throughput.py
 	$(BIN)/python benchmarks/onnx_inference.py
+	@# serving: typical events and the trained inclusive model of `make run`; wrk (Debian) drives HTTP load
+	@test -f out/models/inclusive/model.onnx -a -f out/ingested/_manifest.json || $(MAKE) run
+	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq wrk >/dev/null; } \
+		|| { echo "error: wrk not found: apt-get install wrk"; exit 1; }
+	$(BIN)/python benchmarks/serving.py
 
 # The container images, one per dependency tier (needs a Docker engine with BuildKit).
 images:

@@ -41,13 +41,17 @@ class IngestSummary:
                 lines.append(f"{c:<8}{read:>12,}{sel:>12,}{sel / read:>10.1%}")
         total = sum(self.events_read.values())
         lines.append(f"{'total':<8}{total:>12,}{sum(self.selected.values()):>12,}")
-        lines.append(f"{self.seconds:.1f} s, {total / max(self.seconds, 1e-9):,.0f} events/s (Spark start-up "
-                     f"included); bad files: {len(self.skipped)}")
-        for s in self.skipped:
-            where = ", ".join(f"{lo}-{hi}" for lo, hi in s["entries"] or [])
-            lines.append(f"  skipped {s['file']}{' entries ' + where if where else ''}: {s['reason']}")
-        lines.append(f"written to {self.output}")
-        return "\n".join(lines)
+        return "\n".join(lines + footer(total, self.seconds, self.skipped, self.output))
+
+
+def footer(events: int, seconds: float, skipped: list[dict], output: str) -> list[str]:
+    """The last lines of a Spark stage's summary (ingest, predict): speed, files left out, the output."""
+    lines = [f"{seconds:.1f} s, {events / max(seconds, 1e-9):,.0f} events/s (Spark start-up included); "
+             f"bad files: {len(skipped)}"]
+    for s in skipped:
+        where = ", ".join(f"{lo}-{hi}" for lo, hi in s["entries"] or [])
+        lines.append(f"  skipped {s['file']}{' entries ' + where if where else ''}: {s['reason']}")
+    return lines + [f"written to {output}"]
 
 
 def ingest(cfg: Config, spark=None, show_progress: bool = True) -> IngestSummary:

@@ -25,6 +25,7 @@ from topoflow import CLASSES, datasource, export, storage
 from topoflow.config import Config, StorageConfig
 from topoflow.errors import BadInputError, ConfigError
 from topoflow.evaluate import RAW_COLUMNS, is_ingested
+from topoflow.ingest import footer, probe_all
 from topoflow.progress import spark_progress
 from topoflow.spark import job_error
 
@@ -49,13 +50,7 @@ class PredictSummary:
         lines += [f"{c:<10}{n:>12,}{n / max(self.selected, 1):>10.1%}" for c, n in self.predicted.items()]
         lines.append(f"{'selected':<10}{self.selected:>12,} of {self.events:,} events read "
                      f"({self.selected / max(self.events, 1):.1%})")
-        lines.append(f"{self.seconds:.1f} s, {self.events / max(self.seconds, 1e-9):,.0f} events/s (Spark start-up "
-                     f"included); bad files: {len(self.skipped)}")
-        for s in self.skipped:
-            where = ", ".join(f"{lo}-{hi}" for lo, hi in s["entries"] or [])
-            lines.append(f"  skipped {s['file']}{' entries ' + where if where else ''}: {s['reason']}")
-        lines.append(f"written to {self.output}")
-        return "\n".join(lines)
+        return "\n".join(lines + footer(self.events, self.seconds, self.skipped, self.output))
 
 
 def predict(cfg: Config, spark=None, show_progress: bool = True) -> PredictSummary:
@@ -133,7 +128,6 @@ def _is_folder(url: str, sc: StorageConfig) -> bool:
 
 def _plan(cfg: Config, spark, show_progress: bool) -> tuple[list[str], int, list[dict]]:
     """The ROOT files cut into tasks as ingestion cuts them: ``(tasks as JSON, entries, files skipped)``."""
-    from topoflow.ingest import probe_all
 
     urls = [(u, _UNKNOWN) for p in cfg.predict.inputs for u in storage.expand(p, cfg.storage)]
     infos, skipped = probe_all(urls, cfg, spark, show_progress)
