@@ -38,6 +38,16 @@ def prepare(config: str, ingested: Input[Dataset], prepared: Output[Dataset]):
     steps.record(prepared, steps.prepare(config, ingested.metadata["url"]), config)
 
 
+@dsl.component(base_image=images.SPARK, install_kfp_package=False)
+def predict(config: str, model: Input[Model], predictions: Output[Dataset]):
+    """Score the config's predict.inputs (Delphes ROOT files or one ingested dataset) with ``model``: one
+    Parquet row per event (as a SparkApplication on a cluster). Not part of topoflow's pipeline: compose it
+    in your own, e.g. after a train task or with an imported Model artifact."""
+    from topoflow import steps
+
+    steps.record(predictions, steps.predict(config, model.metadata["url"]), config)
+
+
 @dsl.component(base_image=images.TRAIN, install_kfp_package=False)
 def train(config: str, prepared: Input[Dataset], model_name: str, model: Output[Model]):
     """Train one classifier (hlf, gru or inclusive) and export it for serving."""

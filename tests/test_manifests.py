@@ -139,7 +139,7 @@ def test_crds_int_or_string_and_katib_openapi():
 # ---- rendering and validation -----------------------------------------------------------------
 
 EXPECTED = {"Namespace": 1, "ServiceAccount": 5, "Role": 2, "RoleBinding": 2, "ConfigMap": 1,
-            "NetworkPolicy": 6, "SparkApplication": 2, "Job": 1, "InferenceService": 1}
+            "NetworkPolicy": 6, "SparkApplication": 3, "Job": 1, "InferenceService": 1}
 
 
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
@@ -161,7 +161,7 @@ def test_every_object_validates_strictly(rendered, name):
         except kubernetes_validate.SchemaNotFoundError:  # not a core kind: a custom resource
             validate(o)
             custom.append(o["kind"])
-    assert sorted(custom) == ["InferenceService", "SparkApplication", "SparkApplication"]
+    assert sorted(custom) == ["InferenceService", *["SparkApplication"] * 3]
 
 
 def test_core_validation_is_strict(rendered):
@@ -181,7 +181,8 @@ def test_namespaced_and_labelled(rendered, name):
         if o["kind"] != "Namespace":
             assert meta.get("namespace") == "topoflow", f"{o['kind']}/{meta['name']} outside namespace topoflow"
         assert meta["labels"].get("app.kubernetes.io/part-of") == "topoflow", meta["name"]
-        assert meta["labels"].get("app.kubernetes.io/component") in ("platform", "ingest", "prepare", "train", "serve")
+        assert meta["labels"].get("app.kubernetes.io/component") in (
+            "platform", "ingest", "prepare", "predict", "train", "serve")
     ns = one(rendered, name, "Namespace", "topoflow")
     assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
 
@@ -229,7 +230,7 @@ def test_bindings_and_tokens(rendered):
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
 def test_pods_are_locked_down(rendered, name):
     found = pods(rendered, name)
-    assert len(found) == 6  # two drivers, two executor templates, one training pod, the predictor
+    assert len(found) == 8  # three drivers, three executor templates, one training pod, the predictor
     for where, pod, c, _ in found:
         sc = c["securityContext"]
         uid = 1000 if c.get("runtime") == "kserve-tritonserver" else UID  # the user KServe's runtime runs Triton as
@@ -277,7 +278,7 @@ def test_gpu_only_in_the_gpu_overlay(rendered):
 
 
 def test_dev_is_smaller_than_base(rendered):
-    for app in ("topoflow-ingest", "topoflow-prepare"):
+    for app in ("topoflow-ingest", "topoflow-prepare", "topoflow-predict"):
         base, dev = (one(rendered, n, "SparkApplication", app)["spec"]["executor"] for n in ("base", "overlays/dev"))
         assert dev["instances"] < base["instances"] and dev["cores"] <= base["cores"]
     base, dev = (one(rendered, n, "Job", "topoflow-train-inclusive")["spec"]["template"]["spec"]["containers"][0]
@@ -292,7 +293,7 @@ def test_spark_applications_run_the_cli(rendered):
     from topoflow import sparkapp
 
     dockerfile = (REPO / "images" / "spark" / "Dockerfile").read_text()
-    for stage in ("ingest", "prepare"):
+    for stage in sparkapp.SPARK_STAGES:  # each has its manifest
         spec = one(rendered, "base", "SparkApplication", f"topoflow-{stage}")["spec"]
         assert spec["type"] == "Python" and spec["mode"] == "cluster"
         main = spec["mainApplicationFile"].removeprefix("local://")
@@ -333,8 +334,8 @@ def test_config_map_is_a_valid_topoflow_config(rendered, tmp_path):
     cfg = load_config(tmp_path / "config.yaml")
     assert cfg.spark.master == sparkapp.IN_CLUSTER_MASTER, "a local master would ignore the executors"
     urls = [*(u for us in cfg.ingest.datasets.values() for u in us), cfg.generate.output, cfg.ingest.output,
-            cfg.prepare.input, cfg.prepare.output, cfg.train.data, cfg.train.output, *cfg.evaluate.models,
-            cfg.evaluate.output]
+            cfg.prepare.input, cfg.prepare.output, cfg.predict.model, *cfg.predict.inputs, cfg.predict.output,
+            cfg.train.data, cfg.train.output, *cfg.evaluate.models, cfg.evaluate.output]
     assert sorted(cfg.ingest.datasets) == ["qcd", "ttbar", "wjets"]
     assert all(u.startswith("s3://") for u in urls), urls
     assert cfg.storage.s3_access_key_id is None and cfg.storage.s3_secret_access_key is None
@@ -349,7 +350,7 @@ def test_each_stage_applies_alone_on_the_platform(rendered):
     everything = objects(rendered, "overlays/dev")
     platform = {(o["kind"], o["metadata"]["name"]) for o in everything
                 if o["metadata"]["labels"]["app.kubernetes.io/component"] == "platform"}
-    for stage in ("ingest", "prepare", "train", "serve"):
+    for stage in ("ingest", "prepare", "predict", "train", "serve"):
         chosen = [o for o in everything if o["metadata"]["labels"]["app.kubernetes.io/component"] == stage]
         assert len(chosen) == 1, stage
         text = json.dumps(chosen[0])

@@ -26,7 +26,7 @@ EXTRAS = PROJECT["optional-dependencies"]
 TIERS = set(EXTRAS) - {"all", "test"}
 STORAGE = ["s3fs", "fsspec_xrootd", "XRootD.client"]  # fsspec loads its s3:// and root:// backends lazily
 STAGE_IMPORTS = {  # what each tier must make importable: its stages' modules and what they import lazily
-    "spark": ["topoflow.ingest", "topoflow.prepare", "pyspark.sql", *STORAGE],
+    "spark": ["topoflow.ingest", "topoflow.prepare", "topoflow.predict", "pyspark.sql", "onnxruntime", *STORAGE],
     "generate": ["topoflow.generate.detector", "topoflow.generate.pythia", "topoflow.generate.writer",
                  "topoflow.generate.validate", "pythia8mc", "fastjet", "matplotlib.pyplot", "mplhep", *STORAGE],
     "train": ["topoflow.train", "topoflow.evaluate", "topoflow.plots", "tf2onnx", "onnxruntime", "matplotlib.pyplot",

@@ -94,6 +94,22 @@ def test_cpu_only_pipeline_asks_for_no_gpu(tmp_path):
     assert sorted(spec["root"]["dag"]["tasks"]["evaluate"]["inputs"]["artifacts"]) == ["hlf", "prepared"]
 
 
+def test_predict_component_compiles(tmp_path):
+    """Not in topoflow's pipeline (users compose it): alone it compiles to the spark image, a Model in, a Dataset out."""
+    from kfp import compiler
+
+    import components
+
+    compiler.Compiler().compile(components.predict, str(tmp_path / "predict.yaml"))
+    spec = yaml.safe_load((tmp_path / "predict.yaml").read_text())
+    (container,) = (ex["container"] for ex in spec["deploymentSpec"]["executors"].values())
+    assert container["image"] == images.SPARK and "steps.predict(" in container["command"][-1]
+    kinds = {k: v["artifactType"]["schemaTitle"] for side in ("input", "output")
+             for k, v in spec["root"][f"{side}Definitions"]["artifacts"].items()}
+    assert kinds == {"model": "system.Model", "predictions": "system.Dataset"}
+    assert list(spec["root"]["inputDefinitions"]["parameters"]) == ["config"]
+
+
 def test_submit_to_an_unreachable_host_is_a_clear_error(capsys):
     host = f"http://127.0.0.1:{free_port()}"
     t0 = time.monotonic()

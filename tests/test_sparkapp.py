@@ -31,6 +31,7 @@ def _cfg():
         f"storage.s3_access_key_id={KEY}", f"storage.s3_secret_access_key={SECRET}",
         "storage.s3_endpoint_url=http://s3.example:8333", "ingest.output=s3://bucket/ingested",
         "ingest.datasets={qcd: ['root://eos.example//store/qcd/*.root']}", "prepare.seed=7",
+        "predict.model=s3://bucket/models/gru", "predict.inputs=['root://eos.example//store/run1/*.root']",
     ])
 
 
@@ -120,7 +121,7 @@ def test_no_secret_value_reaches_the_cluster(k8s, monkeypatch):
     assert obj["spec"]["driver"]["env"] == obj["spec"]["executor"]["env"]
 
 
-@pytest.mark.parametrize("stage", ["ingest", "prepare"])
+@pytest.mark.parametrize("stage", ["ingest", "prepare", "predict"])
 def test_success_logs_each_state_and_returns_the_final_status(k8s, stage):
     status, lines = _run(k8s, stage, run_id="kfp-run-7")
     assert status["applicationState"] == {"state": "COMPLETED"}

@@ -411,7 +411,7 @@ _STAGE_OVERRIDES = {
 
 
 _EXTRAS = {"generate": "generate", "ingest": "spark", "prepare": "spark", "train": "train", "evaluate": "train",
-           "predict": "spark,serve", "serve": "serve", "pipeline": "pipeline"}  # the extra(s) each command needs
+           "predict": "spark", "serve": "serve", "pipeline": "pipeline"}  # the extra each command needs
 
 
 def _stop(signum, frame):

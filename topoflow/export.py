@@ -206,7 +206,7 @@ def _keras(fs, path: str, url: str, threads: int | None) -> Runner:
 
 def _onnx(fs, path: str, url: str, threads: int | None) -> Runner:
     """ONNX Runtime on ``model.onnx`` (the native GRU op, see :mod:`topoflow.onnx_export`)."""
-    ort = require("onnxruntime", "serve")
+    ort = require("onnxruntime", "serve")  # also in the spark extra, for predict
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads or 0, 1
     opts.log_severity_level = 3  # errors only: its warnings about unused initializers are noise

@@ -1,4 +1,4 @@
-"""Run a Spark stage (ingest, prepare) on Kubernetes as a SparkApplication of the Kubeflow Spark operator.
+"""Run a Spark stage (ingest, prepare, predict) on Kubernetes as a SparkApplication of the Kubeflow Spark operator.
 
 On a cluster the pipeline pod does not run Spark itself: :func:`run_stage` creates a
 ``sparkoperator.k8s.io/v1beta2`` SparkApplication whose driver runs ``topoflow <stage>`` with the same
@@ -31,7 +31,7 @@ from topoflow.errors import ConfigError, TopoflowError
 
 SPARK_APPLICATION = kube.Resource("sparkoperator.k8s.io", "v1beta2", "sparkapplications", "SparkApplication",
                                   "the Spark operator")
-SPARK_STAGES = ("ingest", "prepare")
+SPARK_STAGES = ("ingest", "prepare", "predict")
 # The image runs topoflow's CLI through this two-line script: from topoflow.cli import main; raise SystemExit(main())
 ENTRY = "local:///opt/topoflow/entry.py"
 # Inside the cluster the driver reaches the API server here; a configured local[*] master would keep it alone.

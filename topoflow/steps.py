@@ -2,7 +2,7 @@
 and the URLs the step before produced, runs one stage, and returns the URL it wrote. A component
 body (``components/``) calls exactly one of them, so the pipeline runs the very code the CLI runs.
 
-On a cluster the Spark stages (ingest, prepare) are launched as SparkApplications when
+On a cluster the Spark stages (ingest, prepare, predict) are launched as SparkApplications when
 ``pipeline.spark_launcher`` is ``kubernetes``; otherwise Spark runs in the step's own process. After
 evaluation, :func:`choose` picks the model to serve and :func:`deploy` serves it with KServe.
 
@@ -69,6 +69,14 @@ def prepare(text: str, ingested: str) -> str:
     cfg.prepare.input = ingested
     _spark_stage("prepare", cfg)
     return cfg.prepare.output
+
+
+def predict(text: str, model_url: str) -> str:
+    """Score ``predict.inputs`` with the exported model at ``model_url``; the URL of the predictions."""
+    cfg = load_config(text=text)
+    cfg.predict.model = model_url
+    _spark_stage("predict", cfg)
+    return cfg.predict.output
 
 
 def train(text: str, prepared: str, model: str) -> str:
@@ -202,6 +210,8 @@ def _spark_stage(stage: str, cfg: Config) -> None:
                   secret=pc.s3_secret)
         return
     from topoflow.ingest import ingest as run_ingest
+    from topoflow.predict import predict as run_predict
     from topoflow.prepare import prepare as run_prepare
 
-    print({"ingest": run_ingest, "prepare": run_prepare}[stage](cfg, show_progress=False).table())
+    run = {"ingest": run_ingest, "prepare": run_prepare, "predict": run_predict}[stage]
+    print(run(cfg, show_progress=False).table())
