@@ -82,7 +82,7 @@ def test_custom_predictor_runs_topoflow_serve_on_the_downloaded_model():
     args = _parser().parse_args(["serve", *c["args"]])
     served = load_config(overrides=args.overrides + _STAGE_OVERRIDES["serve"](args)).serve
     assert served.model_dump() == {**ServeConfig().model_dump(), "model": MODEL_DIR, "host": "0.0.0.0",
-                                   "max_wait_ms": 5.0, "threads": 1}  # threads: whole cores of the CPU limit
+                                   "max_wait_ms": 5.0}
 
 
 def test_triton_runtime_serves_the_exports_triton_repository():

@@ -109,19 +109,12 @@ def serve_args(cfg: Config) -> list[str]:
     """The arguments of the image's ``topoflow serve``: the downloaded model, named after the service (so
     that requests go to /v2/models/<deploy.name>/infer), ONNX (the image has no TensorFlow), listening on the
     pod's address at the ports the service names, and any other ``serve`` setting that differs from its
-    default. Inference threads default to the CPU limit: the container sees every core of its node."""
+    default."""
     tuned = cfg.serve.model_dump(exclude_defaults=True, exclude={"model", "name", "backend", "host", "http_port",
                                                                  "grpc_port"})
-    tuned.setdefault("threads", _cores(cfg.deploy.cpu))
     return ["--model", MODEL_DIR, "--name", cfg.deploy.name, "--backend", "onnx", "--host", "0.0.0.0",
             "--http-port", str(HTTP_PORT), "--grpc-port", str(GRPC_PORT),
             *(arg for key, value in tuned.items() for arg in ("--set", f"serve.{key}={json.dumps(value)}"))]
-
-
-def _cores(cpu: str) -> int:
-    """Whole cores of a Kubernetes CPU quantity ("2", "1.5", "500m"), at least one."""
-    value = float(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)
-    return max(1, int(value))
 
 
 def deploy(model_url: str, cfg: Config, *, namespace: str, client=None, log=print, poll_s: float = 5.0) -> str:
