@@ -69,7 +69,7 @@ def test_each_model_trains_a_few_steps(generated_prepared, tmp_path, model):
     from topoflow.evaluate import predict
 
     cfg = _train(generated_prepared, tmp_path, model, epochs=1, steps_per_epoch=5)
-    y, prob, card, _ = predict(cfg.train.resolved(cfg.train.output), str(generated_prepared), cfg)
+    y, prob, card = predict(cfg.train.resolved(cfg.train.output), str(generated_prepared), cfg)
     assert len(y) > 1000 and np.isfinite(prob).all() and np.allclose(prob.sum(axis=1), 1, atol=1e-5)
     assert card["history"]["loss"][0] < np.log(3) * 1.2, "a few steps already move the loss off chance"
 
@@ -80,7 +80,7 @@ def test_models_beat_chance_and_inclusive_is_not_worse(generated_prepared, tmp_p
     probs = {}
     for model in ("hlf", "inclusive"):
         cfg = _train(generated_prepared, tmp_path, model, epochs=20)
-        y, probs[model], _, _ = predict(cfg.train.resolved(cfg.train.output), str(generated_prepared), cfg)
+        y, probs[model], _ = predict(cfg.train.resolved(cfg.train.output), str(generated_prepared), cfg)
     aucs = {m: metrics(y, p)["auc"] for m, p in probs.items()}
     for m, auc in aucs.items():
         assert all(auc[c] > 0.95 for c in CLASSES), (m, auc)
