@@ -224,8 +224,7 @@ def naive_server(model: str, http: int, grpc: int) -> None:
 
         def predict(self, request, headers=None):
             x = {i.name: i.as_numpy() for i in request.inputs}
-            counts = x["lengths"]
-            rows = x["particles"][np.arange(x["particles"].shape[1])[None, :] < counts[:, None]]
+            rows, counts = export.unpad(x["particles"], x["lengths"])
             probs = self.keras.predict(self.exported.model_inputs(x["hlf"], rows, counts), verbose=0)
             return InferResponse(request.id or "0", self.name,
                                  [InferOutput("probabilities", list(probs.shape), "FP32", probs)])

@@ -197,6 +197,7 @@ def _keras(fs, path: str, url: str, threads: int | None) -> Runner:
                                 f"({type(e).__name__}): the file is truncated, corrupt or not a Keras model, "
                                 "or holds code (a Lambda layer), which safe mode does not run",
                                 f"{RE_EXPORT}, or copy the whole folder again") from e
+
     def run(x: dict[str, np.ndarray]) -> np.ndarray:
         return model.predict_on_batch(x)
 

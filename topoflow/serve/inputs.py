@@ -94,13 +94,18 @@ def _split(f: Features, sizes: list[int]) -> list[Features]:
             for start, a, b, ra, rb in zip(starts, bounds, bounds[1:], row_bounds, row_bounds[1:])]
 
 
+def tensors_taken(inputs: tuple[str, ...]) -> list[str]:
+    """The feature tensors a model with ``inputs`` takes: its inputs, and ``lengths`` with ``particles``."""
+    return [*inputs, *(["lengths"] if "particles" in inputs else [])]
+
+
 def _v2(request: InferRequest, inputs: tuple[str, ...], sc: ServeConfig) -> Parsed:
     given: dict[str, InferInput] = {}
     for tensor in request.inputs:
         if tensor.name in given:
             raise InvalidInput(f"input {tensor.name!r} given twice")
         given[tensor.name] = tensor
-    takes = [*inputs, *(["lengths"] if "particles" in inputs else [])]
+    takes = tensors_taken(inputs)
     for name in given:
         if name not in (EVENTS, *takes):
             raise InvalidInput(f"unknown input {name!r}: this model takes {EVENTS!r} (raw events as JSON, BYTES) "

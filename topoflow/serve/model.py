@@ -28,7 +28,7 @@ from topoflow.config import Config
 from topoflow.features import HLF_NAMES, PARTICLE_NAMES
 from topoflow.preprocessing import MAX_PARTICLES
 from topoflow.serve.batcher import Batcher
-from topoflow.serve.inputs import EVENTS, TENSORS, Parsed, features, parse
+from topoflow.serve.inputs import EVENTS, TENSORS, Parsed, features, parse, tensors_taken
 
 WARM_UP_LENGTHS = (1, 40, MAX_PARTICLES)  # particle rows per event: ONNX Runtime sizes its buffers on first use
 
@@ -108,11 +108,9 @@ class TopoflowModel(Model):
 
     def get_input_types(self) -> list[dict]:
         """For the V2 model metadata (GET /v2/models/NAME): raw events, or the tensors this model takes."""
-        inputs = self._loaded().inputs
-        takes = [*inputs, *(["lengths"] if "particles" in inputs else [])]
         return [{"name": EVENTS, "datatype": "BYTES", "shape": [-1]}] + [
-            {"name": name, "datatype": TENSORS[name][0][-1],
-             "shape": [-1 if d is None else d for d in TENSORS[name][1]]} for name in takes]
+            {"name": name, "datatype": TENSORS[name][0][-1], "shape": [-1 if d is None else d for d in TENSORS[name][1]]}
+            for name in tensors_taken(self._loaded().inputs)]
 
     def get_output_types(self) -> list[dict]:
         return [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(self._loaded().card["classes"])]},
