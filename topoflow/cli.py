@@ -85,6 +85,42 @@ examples:
   topoflow train --model inclusive --resume
 """
 
+_TUNE_HELP = """\
+Tune the train.* settings of one model: trials train on the prepared dataset (train.data) with
+settings drawn from the search space, and are scored by the objective on the validation split
+(default: val_auc, the mean of the per-class AUCs, at the last epoch; never the test split).
+
+The search space is the tune section of the config, or a YAML file of it (--space):
+
+  parameters:                      # any train setting: a range or choices
+    learning_rate: {low: 1.0e-4, high: 1.0e-2, scale: log}
+    hlf_units: {choices: [[50, 20, 10], [100, 50], [32, 32, 32]]}
+    batch_size: {choices: [64, 128, 256]}
+    dropout: {low: 0.0, high: 0.4, step: 0.1}
+  objective: {metric: val_auc}     # or val_loss, val_accuracy (direction follows, or set it)
+  algorithm: tpe                   # random, grid (ranges need a step) or tpe
+  trials: 16                       # trials to finish; parallelism: how many run at once
+  parallelism: 2
+  early_stopping: {enabled: true, min_trials: 3, start_epoch: 2}   # the median rule
+
+Backends: spark (default) runs each trial as a Spark task (locally one per core, each with its
+share of the cores) through the normal training code, an Optuna study proposing trials (ask and
+tell); a trial whose objective, by an epoch, is worse than the median of the completed trials is
+stopped there. katib writes (--emit FILE) or runs a Katib Experiment of the same space on
+Kubernetes, one Job per trial, metrics read from the `epoch=N val_auc=...` lines training prints.
+
+The study lives at tune.output (default out/tuning/<model>): a journal updated after each trial,
+trials.json, trials.parquet, trials.png (objective per trial, per epoch and per parameter) and
+best.yaml, the best trial's configuration: `topoflow train --config best.yaml` trains it.
+Running the same command again continues the study: finished trials are kept; trials that ran
+when it was killed are lost, not repeated. An invalid space is refused before any trial runs.
+
+examples:
+  topoflow tune --model hlf --space tune-hlf.yaml --trials 24 --parallelism 2
+  topoflow train --config out/tuning/hlf/best.yaml --restart
+  topoflow tune --model inclusive --space tune.yaml --backend katib --emit experiment.yaml
+"""
+
 _EVALUATE_HELP = """\
 Evaluate exported models on the whole test split of a prepared dataset (the model must have
 been trained on data with the same preprocessing), or on every event of an ingested dataset
@@ -251,6 +287,19 @@ def _parser() -> argparse.ArgumentParser:
     restart.add_argument("--resume", action="store_true", help="continue from the last checkpointed epoch")
     restart.add_argument("--restart", action="store_true", help="discard the checkpoint and start afresh")
 
+    tu = stage("tune", "search train settings: parallel trials on Spark, or a Katib Experiment", _TUNE_HELP,
+                _run_tune, spark)
+    tu.add_argument("--space", metavar="FILE", help="YAML file holding the search space (the tune section)")
+    tu.add_argument("--model", choices=("hlf", "gru", "inclusive"), help="which classifier (train.model)")
+    tu.add_argument("--data", metavar="URL", help="prepared dataset (train.data)")
+    tu.add_argument("--name", help="study name (tune.name); the same name continues a study")
+    tu.add_argument("--output", metavar="URL", help="where the study lives (tune.output)")
+    tu.add_argument("--trials", type=int, help="trials to finish (tune.trials)")
+    tu.add_argument("--parallelism", type=int, help="trials at once (tune.parallelism)")
+    tu.add_argument("--backend", choices=("spark", "katib"), help="tune.backend")
+    tu.add_argument("--emit", metavar="FILE", help="katib: write the Experiment YAML to FILE ('-': stdout) "
+                    "instead of running it")
+
     ev = stage("evaluate", "trained models → comparative physics report", _EVALUATE_HELP, _run_evaluate, writes)
     ev.add_argument("--model", dest="models", action="append", metavar="URL",
                     help="exported model folder (repeatable; evaluate.models)")
@@ -379,6 +428,32 @@ def _run_train(config: Config, args) -> None:
     print(train(config, resume=args.resume, restart=args.restart, show_progress=not args.no_progress).table())
 
 
+def _run_tune(config: Config, args) -> None:
+    if config.tune.backend == "katib":
+        from topoflow import katib
+
+        if args.emit:
+            text = katib.experiment_yaml(config)
+            if args.emit == "-":
+                print(text, end="")
+            else:
+                from pathlib import Path
+
+                Path(args.emit).write_text(text)
+                print(f"Katib Experiment written to {args.emit}: kubectl apply -n {config.pipeline.namespace} "
+                      f"-f {args.emit}")
+            return
+        best = katib.run(config, namespace=config.pipeline.namespace)
+        print(f"best trial {best['trial']}: {config.tune.objective.metric}={best['objective']:.4f} "
+              f"{json.dumps(best['parameters'])}")
+        return
+    if args.emit:
+        raise TopoflowError("--emit writes a Katib Experiment: add --backend katib")
+    from topoflow.tune import tune
+
+    print(tune(config, show_progress=not args.no_progress).table())
+
+
 def _run_evaluate(config: Config, args) -> None:
     from topoflow.evaluate import evaluate
 
@@ -404,6 +479,8 @@ _STAGE_OVERRIDES = {
     + (["prepare.from_original=true"] if a.from_original else []),
     "train": lambda a: _flag_overrides("train", a, ("model", "data", "output", "epochs")),
     "evaluate": lambda a: _flag_overrides("evaluate", a, ("models", "data", "output")),
+    "tune": lambda a: _flag_overrides("train", a, ("model", "data"))
+    + _flag_overrides("tune", a, ("name", "output", "trials", "parallelism", "backend")),
     "serve": lambda a: _flag_overrides("serve", a, ("model", "name", "backend", "host", "http_port", "grpc_port")),
     "predict": lambda a: _flag_overrides("predict", a, ("model", "inputs", "output"))
     + ([f"ingest.on_bad_file={a.on_bad_file}"] if a.on_bad_file else []),
@@ -411,7 +488,7 @@ _STAGE_OVERRIDES = {
 
 
 _EXTRAS = {"generate": "generate", "ingest": "spark", "prepare": "spark", "train": "train", "evaluate": "train",
-           "predict": "spark", "serve": "serve", "pipeline": "pipeline"}  # the extra each command needs
+           "predict": "spark", "serve": "serve", "pipeline": "pipeline", "tune": "train"}  # the extra each command needs
 
 
 def _stop(signum, frame):
@@ -427,7 +504,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger().handlers[0].addFilter(lambda record: "py4j" not in record.pathname)
     try:
         overrides = args.overrides + _STAGE_OVERRIDES.get(args.command, lambda a: [])(args)
-        args.run(load_config(args.config, overrides), args)
+        space = {"tune": args.space} if getattr(args, "space", None) else None
+        args.run(load_config(args.config, overrides, sections=space), args)
     except TopoflowError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -10,10 +10,10 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Any, ClassVar, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from topoflow import CLASSES
 from topoflow.errors import ConfigError
@@ -182,10 +182,147 @@ class TrainConfig(_Section):
     steps_per_epoch: int | None = Field(None, ge=1, description="cap on batches per epoch (quick runs)")
     bucket: bool = Field(False, description="group sequences of similar length into batches")
     mixed_precision: bool = Field(False, description="float16 compute on GPU")
+    threads: int | None = Field(None, ge=1, description="CPU threads TensorFlow uses (None: every core it sees; "
+                                "set it to a pod's CPU limit)")
     seed: int = 42
 
     def resolved(self, text: str) -> str:
         return text.format(model=self.model)
+
+
+# what a trial may not change: they name the study's model and where a trial writes
+_NOT_TUNABLE = ("model", "output", "checkpoint_dir")
+METRICS = ("loss", "accuracy", "auc", "val_loss", "val_accuracy", "val_auc")  # what training reports per epoch
+
+
+class Parameter(_Section):
+    """One dimension of the search space: a range (``low``, ``high``; ``log`` scale; ``step`` for a grid)
+    or a list of ``choices``. ``type`` follows from the train setting it tunes when not given."""
+
+    type: Literal["float", "int", "categorical"] | None = None
+    low: float | None = None
+    high: float | None = None
+    scale: Literal["linear", "log"] = "linear"
+    step: float | None = Field(None, gt=0, description="grid spacing (needed by the grid algorithm)")
+    choices: list[Any] | None = None
+
+    def values(self) -> list[Any]:
+        """The grid points (or choices) of this parameter."""
+        if self.choices is not None:
+            return list(self.choices)
+        count = int(round((self.high - self.low) / self.step)) + 1
+        points = [self.low + i * self.step for i in range(count) if self.low + i * self.step <= self.high * (1 + 1e-12)]
+        return [int(round(v)) if self.type == "int" else round(v, 12) for v in points]
+
+
+class EarlyStopping(_Section):
+    """Median stopping (Katib's medianstop): from epoch ``start_epoch`` on, a trial stops when its best
+    objective so far is worse than the median of the running averages of the completed trials at that epoch,
+    once ``min_trials`` trials have completed."""
+
+    enabled: bool = True
+    min_trials: int = Field(3, ge=1, description="completed trials needed before any trial is stopped")
+    start_epoch: int = Field(2, ge=1, description="first epoch at which a trial may be stopped")
+
+
+class Objective(_Section):
+    metric: Literal[METRICS] = Field("val_auc", description="a metric training reports per epoch (val_*: the "
+                                     "validation split; the test split is never used for tuning)")
+    direction: Literal["maximize", "minimize"] | None = Field(None, description="default: minimize a loss, "
+                                                              "maximize the others")
+
+    @property
+    def goal(self) -> str:
+        return self.direction or ("minimize" if self.metric.endswith("loss") else "maximize")
+
+
+class TuneConfig(_Section):
+    """What ``topoflow tune`` searches: train.* settings (``parameters``), for the model ``train.model``,
+    on ``train.data``. A search-space file (``--space``) holds this section."""
+
+    enabled: bool = Field(False, description="the pipeline tunes each model before training it")
+    name: str = Field("{model}", pattern=r"^[a-z0-9{}]([-a-z0-9{}]*[a-z0-9{}])?$",
+                      description="study name (Katib Experiment name); a study of the same name is continued")
+    output: str = Field("out/tuning/{name}", description="URL of the study: its journal, trials.parquet, "
+                        "trials.json, trials.png and best.yaml")
+    backend: Literal["spark", "katib"] = Field("spark", description="spark: trials as Spark tasks (locally one "
+                                               "per core); katib: a Katib Experiment on Kubernetes")
+    parameters: dict[str, Parameter] = Field(
+        default_factory=lambda: {"learning_rate": Parameter(low=3e-4, high=3e-2, scale="log"),
+                                 "batch_size": Parameter(choices=[64, 128, 256])},
+        validate_default=True, description="train setting -> range or choices")
+    objective: Objective = Field(default_factory=Objective)
+    algorithm: Literal["random", "grid", "tpe"] = "tpe"
+    trials: int = Field(12, ge=1, description="trials to finish (completed, stopped or failed), resumes included")
+    parallelism: int = Field(2, ge=1, description="trials running at once")
+    max_failed: int = Field(3, ge=1, description="the study stops when more trials than this have failed")
+    timeout_s: int | None = Field(None, ge=1, description="no trial starts after this long")
+    early_stopping: EarlyStopping = Field(default_factory=EarlyStopping)
+    seed: int = Field(0, description="seed of the algorithm's proposals (trials train with train.seed)")
+
+    def resolved(self, text: str, model: str) -> str:
+        return text.format(name=self.name.format(model=model), model=model)
+
+    @field_validator("parameters")
+    @classmethod
+    def _valid_space(cls, value: dict[str, Parameter]) -> dict[str, Parameter]:
+        if not value:
+            raise ValueError("no parameters to tune")
+        for name, p in value.items():
+            _check_parameter(name, p)
+        return value
+
+    @model_validator(mode="after")
+    def _grid_needs_points(self) -> TuneConfig:
+        if self.algorithm == "grid":
+            missing = [n for n, p in self.parameters.items() if p.choices is None and p.step is None]
+            if missing:
+                raise ValueError(f"the grid algorithm needs a step (or choices) for {', '.join(missing)}")
+        return self
+
+
+def _check_parameter(name: str, p: Parameter) -> None:
+    """Fill in ``p.type`` and check ``p`` against the train setting it tunes: every value it can take must be
+    valid there, so a space is rejected before any trial runs."""
+    if name not in TrainConfig.model_fields or name in _NOT_TUNABLE:
+        tunable = [n for n in TrainConfig.model_fields if n not in _NOT_TUNABLE]
+        close = difflib.get_close_matches(name, tunable, n=1)
+        raise ValueError(f"{name} is not a train setting one can tune" + (f"; did you mean {close[0]}?" if close
+                         else f"; tunable: {', '.join(tunable)}"))
+    annotation = TrainConfig.model_fields[name].annotation
+    number = next((t for t in (int, float) if t in (annotation, *get_args(annotation))), None)
+    kind = "categorical" if p.choices is not None else None if get_origin(annotation) is list else \
+        {int: "int", float: "float"}.get(number)
+    if kind is None:
+        raise ValueError(f"{name}: give choices (train.{name} is not a number)")
+    if p.type not in (None, kind) and not (p.type == "int" and kind == "float"):
+        raise ValueError(f"{name}: type {p.type} does not fit train.{name} ({kind})")
+    object.__setattr__(p, "type", p.type or kind)
+    if p.choices is not None:
+        if not p.choices:
+            raise ValueError(f"{name}: choices is empty")
+        if p.low is not None or p.high is not None:
+            raise ValueError(f"{name}: give either choices or low/high, not both")
+        values = p.choices
+    else:
+        if p.low is None or p.high is None:
+            raise ValueError(f"{name}: give low and high (or choices)")
+        if not p.low < p.high:
+            raise ValueError(f"{name}: empty range: low {p.low:g} must be below high {p.high:g}")
+        if p.scale == "log" and p.low <= 0:
+            raise ValueError(f"{name}: a log scale needs low > 0 (got {p.low:g})")
+        if p.scale == "log" and p.step is not None:
+            raise ValueError(f"{name}: a log scale takes no step")
+        if p.step is not None and abs((p.high - p.low) / p.step - round((p.high - p.low) / p.step)) > 1e-9:
+            raise ValueError(f"{name}: step {p.step:g} does not divide the range {p.low:g} to {p.high:g}")
+        if p.type == "int" and not (float(p.low).is_integer() and float(p.high).is_integer()):
+            raise ValueError(f"{name}: an int range needs whole low and high")
+        values = [int(p.low), int(p.high)] if p.type == "int" else [p.low, p.high]
+    for v in values:
+        try:
+            TrainConfig(**{name: v})
+        except ValidationError as e:
+            raise ValueError(f"{name}: {v!r} is not a valid train.{name}: {e.errors()[0]['msg']}") from None
 
 
 class EvaluateConfig(_Section):
@@ -294,6 +431,7 @@ class Config(_Section):
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     prepare: PrepareConfig = Field(default_factory=PrepareConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     predict: PredictConfig = Field(default_factory=PredictConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
@@ -328,29 +466,40 @@ _SECRETS = frozenset(
 _STR_TAG, _NULL_TAG = "tag:yaml.org,2002:str", "tag:yaml.org,2002:null"
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, text: str | None = None) -> Config:
-    """Read YAML ``path`` or ``text`` (optional; a pipeline step gets its config as text), apply
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, text: str | None = None,
+                sections: dict[str, str | Path] | None = None) -> Config:
+    """Read YAML ``path`` or ``text`` (optional; a pipeline step gets its config as text), merge in
+    ``sections`` (section name -> YAML file holding that section, e.g. a search space for ``tune``), apply
     ``section.key=value`` overrides (values read as YAML, secrets as written), validate. Errors name the
     setting and the fix, and never show a secret (hence ``from None``: yaml's and pydantic's own messages
     quote the input)."""
     data: dict[str, Any] = {}
-    where = f"in file {path}" if path is not None else "in the configuration text"
+    files = [str(path)] if path is not None else []
     if path is not None or text is not None:
-        try:
-            data = _parse_yaml(Path(path).read_text() if text is None else text) or {}
-        except FileNotFoundError as e:
-            raise ConfigError(f"config file not found: {str(path)!r}\ncreate it or drop --config") from e
-        except (yaml.YAMLError, ValueError) as e:
-            raise ConfigError(f"config file is not valid YAML: {_yaml_problem(e)}\n{where}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file must hold a mapping, not {type(data).__name__}\n{where}")
+        data = _read_mapping(path, text)
+    for section, file in (sections or {}).items():
+        data[section] = {**(data.get(section) or {}), **_read_mapping(file)}
+        files.append(str(file))
     for item in overrides or []:
         _override(data, item)
     try:
         return Config.model_validate(data)
     except ValidationError as e:
-        located = f" {where}" if path is not None or text is not None else ""
+        located = f" in file {' + '.join(files)}" if files else " in the configuration text" if text else ""
         raise ConfigError(f"invalid configuration{located}:\n" + "\n".join(map(_describe, e.errors()))) from None
+
+
+def _read_mapping(path: str | Path | None, text: str | None = None) -> dict[str, Any]:
+    where = f"in file {path}" if path is not None else "in the configuration text"
+    try:
+        data = _parse_yaml(Path(path).read_text() if text is None else text) or {}
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file not found: {str(path)!r}\ncreate it or drop the option naming it") from e
+    except (yaml.YAMLError, ValueError) as e:
+        raise ConfigError(f"config file is not valid YAML: {_yaml_problem(e)}\n{where}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file must hold a mapping, not {type(data).__name__}\n{where}")
+    return data
 
 
 def _parse_yaml(text: str) -> Any:

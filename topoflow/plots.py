@@ -82,6 +82,60 @@ def report_plots(folder: Path, results: dict[str, dict], curves: dict[str, tuple
             _save(fig, folder / f"training_{name}.png")
 
 
+def tuning_plot(path: Path, result, parameters: dict) -> None:
+    """A study at a glance: the objective per trial with the best so far, every trial's objective per epoch
+    (where median stopping cut trials short), and the objective against each parameter."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(result.rows, key=lambda r: r["number"])
+    scored = [r for r in rows if r["state"] in ("complete", "stopped")]
+    panels = 2 + len(parameters)
+    cols = min(panels, 4)
+    fig, axes = plt.subplots((panels + cols - 1) // cols, cols, figsize=(4.2 * cols, 3.6 * ((panels + cols - 1) // cols)),
+                             squeeze=False)
+    axes = axes.ravel()
+    style = {"complete": dict(marker="o"), "stopped": dict(marker="o", mfc="none")}
+    ax = axes[0]
+    for state in ("complete", "stopped"):
+        pts = [(r["number"], r["value"]) for r in scored if r["state"] == state]
+        if pts:
+            ax.plot(*zip(*pts), ls="none", label=state if state == "complete" else "stopped early", **style[state])
+    complete = [r for r in rows if r["state"] == "complete"]
+    if complete:
+        pick = max if result.goal == "maximize" else min
+        best, line = None, []
+        for r in complete:
+            best = r["value"] if best is None else pick(best, r["value"])
+            line.append((r["number"], best))
+        ax.step(*zip(*line), where="post", color="grey", label="best so far")
+    failed = [r["number"] for r in rows if r["state"] == "failed"]
+    if failed:
+        ax.plot(failed, [0] * len(failed), "x", color="red", transform=ax.get_xaxis_transform(), clip_on=False,
+                label="failed")
+    ax.set(xlabel="trial", ylabel=result.metric, title=f"study {result.name}")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    for r in scored:
+        ax.plot(range(1, len(r["curve"]) + 1), r["curve"], ls="-" if r["state"] == "complete" else "--", alpha=0.7)
+    ax.set(xlabel="epoch", ylabel=result.metric, title="per epoch (dashed: stopped early)")
+    for ax, (name, p) in zip(axes[2:], parameters.items()):
+        values = [(r["params"].get(name), r["value"]) for r in scored if name in r["params"]]
+        if p.type == "categorical":
+            labels = [str(v) for v in p.choices]
+            ax.plot([labels.index(str(v)) for v, _ in values], [y for _, y in values], "o", alpha=0.7)
+            ax.set_xticks(range(len(labels)), labels, rotation=30 if len(labels) > 3 else 0, fontsize=8)
+        else:
+            ax.plot([v for v, _ in values], [y for _, y in values], "o", alpha=0.7)
+            ax.set_xscale("log" if p.scale == "log" else "linear")
+        ax.set(xlabel=name, ylabel=result.metric)
+    for ax in axes[panels:]:
+        ax.set_visible(False)
+    _save(fig, path)
+
+
 def _save(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 

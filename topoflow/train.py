@@ -9,12 +9,14 @@ data in the order seeded by ``seed + k`` and draws dropout masks seeded by ``(se
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -28,6 +30,7 @@ from topoflow.tf import import_tensorflow
 tf = import_tensorflow()
 import keras  # noqa: E402  (after import_tensorflow: see topoflow.tf)
 
+log = logging.getLogger(__name__)
 STATE = "state.json"  # {"epoch", "model", "history"}: names the model file of the last completed epoch
 
 
@@ -51,14 +54,37 @@ def train(cfg: Config, resume: bool = False, restart: bool = False, show_progres
     ``resume`` continues the checkpoint in ``checkpoint_dir``; ``restart`` discards it."""
     from topoflow.export import export
 
-    tc, sc = cfg.train, cfg.storage
+    tc = cfg.train
     output = tc.resolved(tc.output)
-    storage.check_output(output, "train", sc, inputs=[tc.data])
+    storage.check_output(output, "train", cfg.storage, inputs=[tc.data])
+    fitted = fit(cfg, resume, restart, show_progress)
+    export(fitted.model, output, cfg.storage, fitted.preprocessing, cfg, fitted.history)
+    return TrainResult(tc.model, output, fitted.epochs, fitted.history, fitted.samples_per_s)
+
+
+@dataclass
+class Fitted:
+    model: object  # keras.Model
+    preprocessing: Preprocessing
+    history: dict[str, list[float]]  # metric -> value per epoch, resumed epochs included
+    samples_per_s: float
+
+    @property
+    def epochs(self) -> int:
+        return len(self.history.get("loss", ()))
+
+
+def fit(cfg: Config, resume: bool = False, restart: bool = False, show_progress: bool = True,
+        on_epoch: Callable[[int, dict[str, float]], bool] | None = None) -> Fitted:
+    """The training itself, without export (what tuning trials run). ``on_epoch(epoch, metrics)`` is called
+    after each epoch is checkpointed; when it returns True, training stops there."""
+    tc, sc = cfg.train, cfg.storage
     pre = Preprocessing.load(tc.data, sc)  # also checks that this is a prepared dataset
     validation = storage.join(tc.data, "validation")
     if not storage.expand(validation, sc, missing_ok=True):
         raise TopoflowError(f"no validation split in {tc.data!r} (prepared by an older topoflow)\n"
                             "re-run topoflow prepare on the ingested dataset")
+    _use_threads(tc.threads)
     ckpt = Path(tc.resolved(tc.checkpoint_dir))
     state = _checkpoint_state(ckpt, tc, resume, restart)
     gpus = tf.config.list_physical_devices("GPU")
@@ -88,6 +114,8 @@ def train(cfg: Config, resume: bool = False, restart: bool = False, show_progres
     bar = show_progress and sys.stdout.isatty()  # Keras' bar would fill log files with redraws
     callbacks = [_EpochSeeds(tc.seed), timer, _Checkpoint(ckpt, history, tc), _MetricLines(after_bar=bar),
                  keras.callbacks.TensorBoard(str(ckpt / "logs"))]
+    if on_epoch:
+        callbacks.append(_Hook(on_epoch))
     if first_epoch < tc.epochs:
         try:
             model.fit(train_ds, validation_data=val_ds, epochs=tc.epochs, initial_epoch=first_epoch,
@@ -97,8 +125,19 @@ def train(cfg: Config, resume: bool = False, restart: bool = False, show_progres
             done = json.loads((ckpt / STATE).read_text())["epoch"] if (ckpt / STATE).exists() else 0
             raise TopoflowError(f"training interrupted; {_epochs(done)} checkpointed in {ckpt}\n"
                                 "continue with: topoflow train --resume (same settings)") from None
-    export(model, output, sc, pre, cfg, history)
-    return TrainResult(tc.model, output, tc.epochs, history, timer.samples_per_s(tc.batch_size))
+    return Fitted(model, pre, history, timer.samples_per_s(tc.batch_size))
+
+
+def _use_threads(threads: int | None) -> None:
+    """Give TensorFlow ``threads`` CPU threads (in a pod it sees the node's cores, not its CPU limit). Only
+    possible before TensorFlow's first operation: a process that already ran one keeps its threads."""
+    if threads is None or tf.config.threading.get_intra_op_parallelism_threads() == threads:
+        return
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:
+        log.warning("train.threads=%d not applied: TensorFlow already runs in this process", threads)
 
 
 def _checkpoint_state(ckpt: Path, tc: TrainConfig, resume: bool, restart: bool) -> dict | None:
@@ -122,8 +161,9 @@ def _checkpoint_state(ckpt: Path, tc: TrainConfig, resume: bool, restart: bool) 
 
 
 def _resumable_settings(tc: TrainConfig) -> dict:
-    """The settings a resumed run must share with its checkpoint (where it exports may change)."""
-    return tc.model_dump(mode="json", exclude={"output", "checkpoint_dir"})
+    """The settings a resumed run must share with its checkpoint (where it exports and how many threads it
+    uses may change)."""
+    return tc.model_dump(mode="json", exclude={"output", "checkpoint_dir", "threads"})
 
 
 def _epochs(n: int) -> str:
@@ -181,6 +221,18 @@ class _Checkpoint(keras.callbacks.Callback):
         for old in self.folder.glob("epoch-*.keras"):
             if old.name != name:
                 old.unlink()
+
+
+class _Hook(keras.callbacks.Callback):
+    """Calls ``fit``'s ``on_epoch`` after each epoch; stops training when it says so."""
+
+    def __init__(self, on_epoch: Callable[[int, dict[str, float]], bool]):
+        super().__init__()
+        self.on_epoch = on_epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.on_epoch(epoch + 1, {k: float(v) for k, v in (logs or {}).items()}):
+            self.model.stop_training = True
 
 
 class _MetricLines(keras.callbacks.Callback):
