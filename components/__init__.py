@@ -49,11 +49,27 @@ def predict(config: str, model: Input[Model], predictions: Output[Dataset]):
 
 
 @dsl.component(base_image=images.TRAIN, install_kfp_package=False)
-def train(config: str, prepared: Input[Dataset], model_name: str, model: Output[Model]):
-    """Train one classifier (hlf, gru or inclusive) and export it for serving."""
+def tune(config: str, prepared: Input[Dataset], model_name: str) -> str:
+    """Tune one classifier's train settings (a Katib Experiment with tune.backend katib, else trials on Spark
+    in this pod); returns the best trial's settings as JSON for the train step."""
     from topoflow import steps
 
-    steps.record(model, steps.train(config, prepared.metadata["url"], model_name), config)
+    return steps.tune(config, prepared.metadata["url"], model_name)
+
+
+@dsl.component(base_image=images.BASE, install_kfp_package=False)
+def untuned(config: str) -> str:
+    """The train settings when the pipeline does not tune: none ("{}"), so training takes the config's."""
+    return "{}"
+
+
+@dsl.component(base_image=images.TRAIN, install_kfp_package=False)
+def train(config: str, prepared: Input[Dataset], model_name: str, model: Output[Model], tuned: str = ""):
+    """Train one classifier (hlf, gru or inclusive), with the tuned settings when given (JSON), and export it
+    for serving."""
+    from topoflow import steps
+
+    steps.record(model, steps.train(config, prepared.metadata["url"], model_name, tuned), config)
     model.metadata["model"] = model_name
 
 

@@ -1,4 +1,4 @@
-"""The topoflow pipeline: [generate] → ingest → prepare → train (one task per model, in parallel)
+"""The topoflow pipeline: [generate] → ingest → prepare → [tune →] train (one branch per model, in parallel)
 → evaluate → [deploy, when evaluate found the best model good enough]. Wiring only: resources, GPUs,
 node placement, secrets and volumes come from the config's ``pipeline`` section; what each step does
 lives in :mod:`topoflow.steps`.
@@ -18,26 +18,40 @@ def build(cfg: Config):
     @dsl.pipeline(name="topoflow", description="LHC event-topology classification: Delphes ROOT files → "
                   "selected events → prepared datasets → HLF, GRU and inclusive classifiers → report → "
                   "the best served by KServe")
-    def topoflow(config: str = config_text(cfg)):
+    def topoflow(config: str = config_text(cfg), tune: bool = cfg.tune.enabled):
         events = _platform(c.generate(config=config), pc).set_display_name("generate")
         ingested = _platform(c.ingest(config=config, events=events.outputs["events"]), pc)
         prepared = _platform(c.prepare(config=config, ingested=ingested.outputs["ingested"]), pc)
+        with dsl.If(tune == True, name="tune"):  # noqa: E712 (a pipeline condition, not Python's)
+            tuned = {}
+            for name in pc.models:
+                task = c.tune(config=config, prepared=prepared.outputs["prepared"], model_name=name)
+                tuned[name] = _platform(task.set_display_name(f"tune {name}"), pc, pc.train_cpu, pc.train_memory)
+        with dsl.Else(name="no-tuning"):
+            untuned = _sized(c.untuned(config=config), pc.cpu, pc.memory)
         models = {}
         for name in pc.models:
-            task = c.train(config=config, prepared=prepared.outputs["prepared"], model_name=name)
-            _platform(task.set_display_name(f"train {name}"), pc, pc.train_cpu, pc.train_memory)
-            if pc.gpus:
-                task.set_accelerator_type(pc.gpu_resource).set_accelerator_limit(pc.gpus)
-                for key, value in pc.gpu_node_selector.items():
-                    kubernetes.add_node_selector(task, label_key=key, label_value=value)
-                for t in pc.gpu_tolerations:
-                    kubernetes.add_toleration(task, key=t.key, operator=t.operator, value=t.value, effect=t.effect)
-            models[name] = task.outputs["model"]
+            # kfp.local resolves dsl.OneOf over parameters only: the branches choose the settings, not the models
+            task = c.train(config=config, prepared=prepared.outputs["prepared"], model_name=name,
+                           tuned=dsl.OneOf(tuned[name].output, untuned.output))
+            models[name] = _trainer(task, name, pc).outputs["model"]
         evaluated = _platform(c.evaluate(config=config, prepared=prepared.outputs["prepared"], **models), pc,
                               pc.cpu, pc.train_memory)
         serve_if_chosen(config, evaluated, pc)
 
     return topoflow
+
+
+def _trainer(task, name: str, pc: PipelineConfig):
+    """A train task on the training nodes: its sizes, GPUs, their node labels and taints."""
+    _platform(task.set_display_name(f"train {name}"), pc, pc.train_cpu, pc.train_memory)
+    if pc.gpus:
+        task.set_accelerator_type(pc.gpu_resource).set_accelerator_limit(pc.gpus)
+        for key, value in pc.gpu_node_selector.items():
+            kubernetes.add_node_selector(task, label_key=key, label_value=value)
+        for t in pc.gpu_tolerations:
+            kubernetes.add_toleration(task, key=t.key, operator=t.operator, value=t.value, effect=t.effect)
+    return task
 
 
 def serve_if_chosen(config, evaluated, pc: PipelineConfig) -> None:

@@ -1,12 +1,13 @@
-"""A stand-in Kubernetes API server for SparkApplications and InferenceServices, on 127.0.0.1, that the
-real ``kubernetes`` client talks to over HTTP (no API server can be installed here; see ../shared/STACK.md).
+"""A stand-in Kubernetes API server for SparkApplications, InferenceServices and Katib Experiments, on 127.0.0.1,
+that the real ``kubernetes`` client talks to over HTTP (no API server can be installed here; see
+../shared/STACK.md).
 
-It serves create, get, update (PUT) and delete of ``sparkoperator.k8s.io/v1beta2`` SparkApplications and
-``serving.kserve.io/v1beta1`` InferenceServices, and refuses what a real server refuses with its Status
-objects: 404 NotFound, 409 AlreadyExists, 422 Invalid for objects that fail ``crds.validate`` and for an
-update without ``metadata.resourceVersion`` (custom resources demand one), 409 Conflict for a stale one,
-403 Forbidden for the verbs a test forbids, worded as the RBAC authorizer words it. ``status`` is a
-subresource: create and update ignore it, ``metadata.generation`` counts spec changes.
+It serves create, get, update (PUT) and delete of ``sparkoperator.k8s.io/v1beta2`` SparkApplications,
+``serving.kserve.io/v1beta1`` InferenceServices and ``kubeflow.org/v1beta1`` Experiments, and refuses what a
+real server refuses with its Status objects: 404 NotFound, 409 AlreadyExists, 422 Invalid for objects that
+fail ``crds.validate`` and for an update without ``metadata.resourceVersion`` (custom resources demand one),
+409 Conflict for a stale one, 403 Forbidden for the verbs a test forbids, worded as the RBAC authorizer words
+it. ``status`` is a subresource: create and update ignore it, ``metadata.generation`` counts spec changes.
 
 It plays the operators. Each GET of a SparkApplication moves it one step along the server's ``script`` of
 (state, errorMessage), the transitions the Spark operator makes with ``restartPolicy: Never``. Each GET of an
@@ -14,12 +15,21 @@ InferenceService moves it one step along ``serving`` (KServe's controller in Kna
 starting again at every new generation; its validating webhook refuses a change of deployment mode as KServe's
 does (403, "admission webhook ... denied the request"). It also serves the driver pod's log
 (``GET /api/v1/namespaces/{ns}/pods/{app}-driver/log``, plain text, ``tailLines`` and ``container``
-honoured): the scenario's ``driver_log``, what the driver printed. Every request is recorded in ``requests``
-as (verb, name) so tests can see what the client did.
+honoured): the scenario's ``driver_log``, what the driver printed.
+
+Each GET of an Experiment moves it one step along ``study`` (Katib v0.19's experiment controller, see
+EXPERIMENT_SCRIPTS and :func:`reconcile_experiment`), starting again when a spec change restarts it. Katib's
+validating webhook is played too: it refuses an Experiment in a namespace without the metrics-collector
+injection label, and a change of anything but the trial counts, or a restart Katib does not allow (400,
+"admission webhook ... denied the request", as Katib answers). Namespaces can be read
+(``GET /api/v1/namespaces/{name}``), with the labels of ``namespaces``.
+
+Every request is recorded in ``requests`` as (verb, name) so tests can see what the client did.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import threading
@@ -30,9 +40,11 @@ from urllib.parse import parse_qsl
 from crds import CRDValidationError, validate
 
 KINDS = {"sparkapplications": ("sparkoperator.k8s.io", "v1beta2", "SparkApplication"),  # plural -> served as
-         "inferenceservices": ("serving.kserve.io", "v1beta1", "InferenceService")}
+         "inferenceservices": ("serving.kserve.io", "v1beta1", "InferenceService"),
+         "experiments": ("kubeflow.org", "v1beta1", "Experiment")}
 RESOURCE = re.compile(r"/apis/([^/]+)/([^/]+)/namespaces/([^/]+)/([^/]+)(?:/([^/]+))?")
 POD_LOG = re.compile(r"/api/v1/namespaces/([^/]+)/pods/([^/]+)/log")
+NAMESPACE = re.compile(r"/api/v1/namespaces/([^/]+)")
 DRIVER_CONTAINER = "spark-kubernetes-driver"  # the name Spark gives the driver pod's container
 # What the operator (v2.5.2) writes into .status.applicationState.errorMessage
 DRIVER_ERROR = "driver container failed with ExitCode: 2, Reason: Error"
@@ -114,6 +126,22 @@ KSERVE_FINALIZER = "inferenceservice.finalizers"
 SERVER_FIELDS = ("uid", "resourceVersion", "generation", "creationTimestamp", "managedFields")
 WEBHOOK = "inferenceservice.kserve-webhook-server.validator"
 
+# Katib's experiment controller, one reconcile per GET, from the creation or a restart: "" leaves the status as it
+# was, then the transitions of reconcile_experiment
+EXPERIMENT_SCRIPTS = {
+    "succeeds": ["", "created", "running", "succeeded"],
+    "fails": ["", "created", "running", "failed"],  # maxFailedTrialCount trials failed or without metrics
+    "runs_forever": ["", "created", "running"],
+}
+INJECTION_LABEL = "katib.kubeflow.org/metrics-collector-injection"  # Katib's webhook wants it "enabled"
+KATIB_WEBHOOK = "validator.experiment.katib.kubeflow.org"
+COUNTS = ("parallelTrialCount", "maxTrialCount", "maxFailedTrialCount")  # what a study may change
+# What the best trial reported, as Katib's trial controller records it: (latest, min, max); the objective's
+# last value is not its best one, so a client reading the wrong field is caught
+OBSERVED = {"loss": ("0.2417", "0.2401", "0.8112"), "accuracy": ("0.9013", "0.512", "0.9031"),
+            "auc": ("0.9744", "0.7012", "0.9751"), "val_loss": ("0.2688", "0.2652", "0.7933"),
+            "val_accuracy": ("0.8891", "0.5533", "0.8925"), "val_auc": ("0.9671", "0.7208", "0.9703")}
+
 
 class StandInAPI:
     """The server and its state; ``host`` is what ``kubernetes.client.Configuration`` needs."""
@@ -122,7 +150,9 @@ class StandInAPI:
         self.user = user
         self.play(scenario)
         self.serving = ISVC_SCRIPTS["becomes_ready"]
-        self.forbidden: set[str] = set()  # verbs on custom resources answered with 403, and "pods/log"
+        self.study = EXPERIMENT_SCRIPTS["succeeds"]
+        self.namespaces = {"topoflow": {INJECTION_LABEL: "enabled"}}  # name -> labels of the namespaces that exist
+        self.forbidden: set[str] = set()  # verbs on custom resources answered with 403, "pods/log", "namespaces"
         self.interfere = 0  # how many updates find the object changed by the controller since it was read (409)
         self.log_queries: list[dict] = []  # the query of each pod log request
         self.objects: dict[tuple[str, str, str], dict] = {}  # (plural, namespace, name) -> object
@@ -149,6 +179,13 @@ class StandInAPI:
         """Play ``scenario`` of ISVC_SCRIPTS for InferenceServices' next generations."""
         self.serving = ISVC_SCRIPTS[scenario]
 
+    def play_katib(self, scenario: str) -> None:
+        """Play ``scenario`` of EXPERIMENT_SCRIPTS: the steps Experiments take from their next reconcile on."""
+        self.study = EXPERIMENT_SCRIPTS[scenario]
+
+    def experiments(self) -> list[dict]:
+        return [o for (plural, *_), o in self.objects.items() if plural == "experiments"]
+
     def applications(self) -> list[dict]:
         return [o for (plural, *_), o in self.objects.items() if plural == "sparkapplications"]
 
@@ -167,6 +204,10 @@ class StandInAPI:
             with self.lock:
                 self.requests.append(("log", log[2]))
                 return self._log(*log.groups(), query or {})
+        if method == "GET" and (ns := NAMESPACE.fullmatch(path)):
+            with self.lock:
+                self.requests.append(("namespace", ns[1]))
+                return self._namespace(ns[1])
         match = RESOURCE.fullmatch(path)
         group, version, namespace, plural, name = match.groups() if match else (None,) * 5
         if KINDS.get(plural, (None, None))[:2] != (group, version):
@@ -207,6 +248,9 @@ class StandInAPI:
         name = (body.get("metadata") or {}).get("name")
         if refused := self._refused(plural, namespace, name, body):
             return refused
+        if plural == "experiments" and self.namespaces.get(namespace, {}).get(INJECTION_LABEL) != "enabled":
+            return _katib_denied(f'Cannot create the Experiment "{name}" in namespace "{namespace}": the namespace '
+                                 'lacks label "katib.kubeflow.org/metrics-collector-injection: enabled"', name)
         if (plural, namespace, name) in self.objects:
             return _status(409, "AlreadyExists", f'{plural}.{KINDS[plural][0]} "{name}" already exists', name, plural,
                            KINDS[plural][0])
@@ -240,6 +284,8 @@ class StandInAPI:
                                             "try again", name, plural, group)
         if plural == "inferenceservices" and (denied := _kserve_webhook(old, body)):
             return _status(403, "Forbidden", f'admission webhook "{WEBHOOK}" denied the request: {denied}')
+        if plural == "experiments" and (denied := _katib_webhook(old, body)):
+            return _katib_denied(denied, name)
         new = {**{k: v for k, v in body.items() if k != "status"}, "metadata": {
             **meta, **{k: old["metadata"][k] for k in ("uid", "creationTimestamp", "generation", "namespace")}}}
         if "status" in old:
@@ -255,8 +301,13 @@ class StandInAPI:
         """The operator's next reconcile: one step along its script, staying at the last state."""
         plural, _, name = key
         obj = self.objects[key]
-        script = self.script if plural == "sparkapplications" else self.serving
+        script = {"sparkapplications": self.script, "inferenceservices": self.serving}.get(plural, self.study)
         step = self.steps[key] = min(self.steps[key] + 1, len(script) - 1)
+        if plural == "experiments":
+            if script[step]:
+                reconcile_experiment(obj, script[step])
+                self._touch(obj)
+            return
         if plural == "inferenceservices":
             if script[step]:
                 obj["metadata"].setdefault("finalizers", [KSERVE_FINALIZER])
@@ -288,15 +339,28 @@ class StandInAPI:
         lines = self.driver_log.splitlines(keepends=True)
         return 200, "".join(lines[-int(query["tailLines"]):] if "tailLines" in query else lines)
 
-    def _forbidden(self, verb: str, resource: str, group: str, namespace: str,
+    def _namespace(self, name: str) -> tuple[int, dict]:
+        """A Namespace (cluster-scoped: a namespaced Role cannot grant reading it)."""
+        if "namespaces" in self.forbidden:
+            return self._forbidden("get", "namespaces", "", None, name)
+        if name not in self.namespaces:
+            return _status(404, "NotFound", f'namespaces "{name}" not found', name, "namespaces", "")
+        labels = {"kubernetes.io/metadata.name": name, **self.namespaces[name]}
+        meta = {"name": name, "uid": f"uid-ns-{name}", "resourceVersion": "1", "creationTimestamp": _now(),
+                "labels": labels}
+        return 200, {"apiVersion": "v1", "kind": "Namespace", "metadata": meta, "spec": {"finalizers": ["kubernetes"]},
+                     "status": {"phase": "Active"}}
+
+    def _forbidden(self, verb: str, resource: str, group: str, namespace: str | None,
                    name: str | None) -> tuple[int, dict]:
-        """403 as the RBAC authorizer words it; a subresource (pods/log) is named by its parent's object."""
+        """403 as the RBAC authorizer words it; a subresource (pods/log) is named by its parent's object, a
+        cluster-scoped resource (namespace None) by its scope."""
         kind = resource.partition("/")[0]
         what = f"{kind}.{group}" if group else kind
         what = f'{what} "{name}"' if name else what
+        scope = f'in the namespace "{namespace}"' if namespace else "at the cluster scope"
         return _status(403, "Forbidden", f'{what} is forbidden: User "{self.user}" cannot {verb} resource '
-                                         f'"{resource}" in API group "{group}" in the namespace "{namespace}"',
-                       name, kind, group)
+                                         f'"{resource}" in API group "{group}" {scope}', name, kind, group)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -402,6 +466,120 @@ def _kserve_webhook(old: dict, new: dict) -> str | None:
     if recorded and wanted and wanted != recorded:
         return f"update rejected: deploymentMode cannot be changed from '{recorded}' to '{wanted}'"
     return None
+
+
+def reconcile_experiment(obj: dict, state: str) -> None:
+    """One reconcile of Katib's experiment controller (v0.19: ``experiment_controller.go``, ``util/status_util.go``,
+    conditions set as ``experiments/v1beta1/util.go`` sets them) moving ``obj`` to ``state``:
+
+    - created: a new study is marked Created; a finished one whose maxTrialCount grew is marked Restarting (its
+      Succeeded condition removed);
+    - running: ``parallelTrialCount`` trials run beside those that succeeded before;
+    - succeeded: ``maxTrialCount`` trials succeeded (reason ExperimentMaxTrialsReached);
+    - failed: one trial succeeded, and ``maxFailedTrialCount`` failed, the last of them without metrics (both
+      count as failed; reason ExperimentFailed).
+
+    The best trial's assignments are each parameter's lowest value (its first for a list), its metrics OBSERVED."""
+    spec, name, now = obj["spec"], obj["metadata"]["name"], _now()
+    status = obj.setdefault("status", {})
+    conditions = status.setdefault("conditions", [])
+
+    def holds(kind: str) -> bool:
+        return any(c["type"] == kind and c["status"] == "True" for c in conditions)
+
+    def mark(kind: str, value: str, reason: str, message: str) -> None:  # setCondition: replace, move to the end
+        old = next((c for c in conditions if c["type"] == kind), None)
+        if old and (old["status"], old["reason"]) == (value, reason):
+            return
+        since = old["lastTransitionTime"] if old and old["status"] == value else now
+        conditions[:] = [c for c in conditions if c["type"] != kind] + [{
+            "type": kind, "status": value, "reason": reason, "message": message, "lastUpdateTime": now,
+            "lastTransitionTime": since}]
+
+    def end(kind: str, reason: str, message: str) -> None:
+        running = next(c for c in conditions if c["type"] == "Running")
+        mark("Running", "False", running["reason"], running["message"])
+        mark(kind, "True", reason, message)
+        status["completionTime"] = now
+
+    if state == "created":
+        if not holds("Created"):
+            status["startTime"] = now
+            mark("Created", "True", "ExperimentCreated", "Experiment is created")
+        elif holds("Succeeded"):
+            conditions[:] = [c for c in conditions if c["type"] != "Succeeded"]
+            mark("Restarting", "True", "ExperimentRestarting", "Experiment is restarted")
+        return
+    names = [f"{name}-{hashlib.sha256(f'{name}/{i}'.encode()).hexdigest()[:8]}"  # Katib: name + 8 random characters
+             for i in range(spec["maxTrialCount"] + 1)]
+    done = status.get("trialsSucceeded", 0)
+    if state == "running":
+        running = min(spec["parallelTrialCount"], spec["maxTrialCount"] - done)
+        _trials(status, spec, succeeded=names[:done], running=names[done:done + running])
+        mark("Running", "True", "ExperimentRunning", "Experiment is running")
+    elif state == "succeeded":
+        _trials(status, spec, succeeded=names[:spec["maxTrialCount"]])
+        end("Succeeded", "ExperimentMaxTrialsReached", "Experiment has succeeded because max trial count has reached")
+    else:
+        failed = spec["maxFailedTrialCount"]
+        _trials(status, spec, succeeded=names[:1], failed=names[1:failed], metricsUnavailable=names[failed:failed + 1])
+        end("Failed", "ExperimentFailed", "Experiment has failed because max failed count has reached")
+
+
+def _trials(status: dict, spec: dict, **lists: list[str]) -> None:
+    """The trial counts and lists of an Experiment's status (empty ones left out, as Katib's omitempty does) and
+    its best trial, the first that succeeded."""
+    for kind in ("succeeded", "running", "failed", "metricsUnavailable"):
+        names = lists.get(kind, [])
+        count = "trialMetricsUnavailable" if kind == "metricsUnavailable" else f"trials{kind[0].upper()}{kind[1:]}"
+        for key, value in ((f"{kind}TrialList", names), (count, len(names))):
+            status.pop(key, None)
+            if value:
+                status[key] = value
+    status["trials"] = sum(len(v) for v in lists.values())
+    if lists.get("succeeded"):
+        objective = spec["objective"]
+        status["currentOptimalTrial"] = {
+            "bestTrialName": lists["succeeded"][0],
+            "parameterAssignments": [{"name": p["name"], "value": p["feasibleSpace"]["list"][0]
+                                      if p["parameterType"] == "categorical" else p["feasibleSpace"]["min"]}
+                                     for p in spec["parameters"]],
+            "observation": {"metrics": [
+                dict(zip(("name", "latest", "min", "max"), (m, *OBSERVED.get(m, ("0.5", "0.5", "0.5")))))
+                for m in (objective["objectiveMetricName"], *objective.get("additionalMetricNames", []))]}}
+
+
+def _katib_webhook(old: dict, new: dict) -> str | None:
+    """What Katib's validating webhook refuses of an update (``validator.go``): any spec change but the trial
+    counts; a restart of a finished study unless it succeeded by reaching maxTrialCount with resumePolicy
+    LongRunning or FromVolume; a maxTrialCount not above the trials it has."""
+    if new["spec"] == old["spec"]:
+        return None
+    status = old.get("status") or {}
+    done = {c["type"]: c for c in status.get("conditions", []) if c["status"] == "True"}
+    problems = []
+    if ("Failed" in done or "Succeeded" in done) and not (
+            done.get("Succeeded", {}).get("reason") == "ExperimentMaxTrialsReached"
+            and old["spec"].get("resumePolicy") in ("LongRunning", "FromVolume")):
+        problems.append(f"spec.resumePolicy: Invalid value: \"{new['spec'].get('resumePolicy', '')}\": Experiment can "
+                        "be restarted if it is in succeeded state by reaching max trials and spec.resumePolicy = "
+                        "LongRunning or spec.resumePolicy = FromVolume, when experiment is completed")
+    if new["spec"].get("maxTrialCount", 1 << 31) <= status.get("trials", 0):
+        problems.append(f"spec.maxTrialCount: Invalid value: {new['spec']['maxTrialCount']}: must be greater than "
+                        "status.trials count")
+    if {k: v for k, v in new["spec"].items() if k not in COUNTS} != {k: v for k, v in old["spec"].items()
+                                                                    if k not in COUNTS}:
+        problems.append("spec: Forbidden: only spec.parallelTrialCount, spec.maxTrialCount and "
+                        "spec.maxFailedTrialCount are editable")
+    if not problems:
+        return None
+    return problems[0] if len(problems) == 1 else f"[{', '.join(problems)}]"  # as field.ErrorList aggregates
+
+
+def _katib_denied(message: str, name: str | None) -> tuple[int, dict]:
+    """Katib's webhook answers its refusals with 400 (``admission.Errored(http.StatusBadRequest, …)``)."""
+    return _status(400, "BadRequest", f'admission webhook "{KATIB_WEBHOOK}" denied the request: {message}', name,
+                   "experiments", KINDS["experiments"][0])
 
 
 def _status(code: int, reason: str, message: str, name: str | None = None, kind: str = "sparkapplications",

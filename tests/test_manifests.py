@@ -24,7 +24,9 @@ from crds import CRDValidationError, validate
 
 REPO = Path(__file__).resolve().parents[1]
 SCAN_BIN = Path(os.environ.get("TOPOFLOW_SCAN_BIN", REPO / ".venv-scan" / "bin"))
-KUSTOMIZATIONS = ["base", "overlays/dev", "overlays/gpu", "overlays/triton"]
+KUSTOMIZATIONS = ["base", "overlays/dev", "overlays/gpu", "overlays/triton", "overlays/tune"]
+# what the tune overlay's Experiment is made from (k8s/overlays/tune/experiment-hlf.yaml says so)
+TUNE_OVERRIDES = ["train.model=hlf", "pipeline.gpus=0"]
 DOCKERFILES = sorted(p.parent.name for p in (REPO / "images").glob("*/Dockerfile"))
 # image -> the extras it installs: its tier, and kfp (pipeline) for the components that run in it
 TIER_EXTRAS = {"spark": {"spark", "generate", "pipeline"}, "train": {"train", "pipeline"}, "base": {"pipeline"},
@@ -71,7 +73,8 @@ def one(rendered, name, kind, obj_name) -> dict:
 def pods(rendered, name) -> list[tuple[str, dict, dict, dict]]:
     """(where, pod-level security context, container, pod labels) of every pod an object makes;
     SparkApplication pods are shown as the operator makes them (spark-role label, container), an
-    InferenceService's predictor by its serving container (its own, or the runtime's `model`, no image)."""
+    InferenceService's predictor by its serving container (its own, or the runtime's `model`, no image),
+    a Katib Experiment's trial pod with the trial label Katib's webhook adds."""
     out = []
     for o in objects(rendered, name):
         where = f"{o['kind']}/{o['metadata']['name']}"
@@ -90,6 +93,11 @@ def pods(rendered, name) -> list[tuple[str, dict, dict, dict]]:
             p = o["spec"]["predictor"]
             for c in p.get("containers") or [{**p["model"], "image": None}]:
                 out.append((f"{where}.predictor", p["securityContext"], c, p["labels"]))
+        elif o["kind"] == "Experiment":
+            template = o["spec"]["trialTemplate"]["trialSpec"]["spec"]["template"]
+            labels = {**template["metadata"]["labels"], "katib.kubeflow.org/trial": f"{o['metadata']['name']}-x"}
+            for c in template["spec"]["containers"]:
+                out.append((f"{where}.trial", template["spec"]["securityContext"], c, labels))
     return out
 
 
@@ -139,7 +147,7 @@ def test_crds_int_or_string_and_katib_openapi():
 # ---- rendering and validation -----------------------------------------------------------------
 
 EXPECTED = {"Namespace": 1, "ServiceAccount": 5, "Role": 2, "RoleBinding": 2, "ConfigMap": 1,
-            "NetworkPolicy": 6, "SparkApplication": 3, "Job": 1, "InferenceService": 1}
+            "NetworkPolicy": 8, "SparkApplication": 3, "Job": 1, "InferenceService": 1}
 
 
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
@@ -147,7 +155,7 @@ def test_renders_the_expected_objects(rendered, name):
     kinds = {}
     for o in objects(rendered, name):
         kinds[o["kind"]] = kinds.get(o["kind"], 0) + 1
-    assert kinds == EXPECTED
+    assert kinds == EXPECTED | ({"Experiment": 1} if name == "overlays/tune" else {})  # only tune starts a study
 
 
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
@@ -161,7 +169,8 @@ def test_every_object_validates_strictly(rendered, name):
         except kubernetes_validate.SchemaNotFoundError:  # not a core kind: a custom resource
             validate(o)
             custom.append(o["kind"])
-    assert sorted(custom) == ["InferenceService", *["SparkApplication"] * 3]
+    assert sorted(custom) == [*(["Experiment"] if name == "overlays/tune" else []), "InferenceService",
+                              *["SparkApplication"] * 3]
 
 
 def test_core_validation_is_strict(rendered):
@@ -182,9 +191,11 @@ def test_namespaced_and_labelled(rendered, name):
             assert meta.get("namespace") == "topoflow", f"{o['kind']}/{meta['name']} outside namespace topoflow"
         assert meta["labels"].get("app.kubernetes.io/part-of") == "topoflow", meta["name"]
         assert meta["labels"].get("app.kubernetes.io/component") in (
-            "platform", "ingest", "prepare", "predict", "train", "serve")
+            "platform", "ingest", "prepare", "predict", "train", "serve", "tune")
     ns = one(rendered, name, "Namespace", "topoflow")
     assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    # Katib injects its metrics collector (and v0.19 accepts Experiments) only in namespaces labelled so
+    assert ns["metadata"]["labels"]["katib.kubeflow.org/metrics-collector-injection"] == "enabled"
 
 
 # ---- least privilege ----------------------------------------------------------------------------
@@ -198,7 +209,8 @@ def test_pipeline_role_is_exactly_what_the_runner_needs(rendered):
     apps = {("sparkoperator.k8s.io", "sparkapplications", v) for v in ("create", "get", "list", "watch", "delete")}
     logs = {("", r, v) for r in ("pods", "pods/log") for v in ("get", "list")}
     serving = {("serving.kserve.io", "inferenceservices", v) for v in ("create", "get", "update")}  # topoflow.deploy
-    assert rules(rendered, "topoflow-pipeline") == apps | logs | serving
+    tuning = {("kubeflow.org", "experiments", v) for v in ("create", "get", "update")}  # topoflow.katib
+    assert rules(rendered, "topoflow-pipeline") == apps | logs | serving | tuning
 
 
 def test_spark_driver_role_manages_executors_only(rendered):
@@ -230,7 +242,8 @@ def test_bindings_and_tokens(rendered):
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
 def test_pods_are_locked_down(rendered, name):
     found = pods(rendered, name)
-    assert len(found) == 8  # three drivers, three executor templates, one training pod, the predictor
+    # three drivers, three executor templates, one training pod, the predictor (and the tune overlay's trial pod)
+    assert len(found) == 8 + (name == "overlays/tune")
     for where, pod, c, _ in found:
         sc = c["securityContext"]
         uid = 1000 if c.get("runtime") == "kserve-tritonserver" else UID  # the user KServe's runtime runs Triton as
@@ -259,7 +272,7 @@ def test_requests_and_limits_everywhere(rendered, name):
             for which in ("requests", "limits"):
                 assert {"cpu", "memory"} <= set(c["resources"][which]), f"{c['name']}: {which}"
     for where, _, c, _ in pods(rendered, name):
-        if where.startswith("InferenceService/"):  # a guaranteed pod: Knative's concurrency target per replica holds
+        if where.startswith(("InferenceService/", "Experiment/")):  # a guaranteed pod: Knative's concurrency target per replica holds
             assert c["resources"]["requests"] == c["resources"]["limits"] and {"cpu", "memory"} <= set(
                 c["resources"]["limits"]), where
 
@@ -325,6 +338,31 @@ def test_the_inference_service_is_what_the_deploy_step_builds(rendered, name, ru
         k: built["metadata"][k] for k in ("labels", "annotations")}
 
 
+def test_the_experiment_is_what_topoflow_katib_builds(rendered):
+    """kubectl apply -k overlays/tune and the pipeline's Katib backend start the same study (the cluster config,
+    TUNE_OVERRIDES); base alone starts none."""
+    from topoflow import katib
+    from topoflow.config import load_config
+
+    manifest = one(rendered, "overlays/tune", "Experiment", "hlf")
+    built = katib.experiment(load_config(REPO / "k8s" / "base" / "topoflow.yaml", overrides=TUNE_OVERRIDES),
+                             namespace="topoflow")
+    assert manifest == built, "k8s/overlays/tune/experiment-hlf.yaml differs from what katib.experiment builds; " \
+        "below its header, put:\n" + yaml.safe_dump(built, sort_keys=False, width=120)
+    assert not objects(rendered, "base", "Experiment")
+    (job,) = [katib_job(o) for o in objects(rendered, "overlays/tune", "Experiment")]
+    import kubernetes_validate
+
+    kubernetes_validate.validate(job, KUBERNETES_VERSION, strict=True)  # Katib turns it into a batch/v1 Job
+
+
+def katib_job(experiment: dict) -> dict:
+    """The trial Job as Katib creates it: named after the trial, the template's placeholders filled."""
+    job = json.loads(re.sub(r"\$\{trialParameters\.\w+\}", "1", json.dumps(experiment["spec"]["trialTemplate"]
+                                                                           ["trialSpec"])))
+    return {**job, "metadata": {"name": f"{experiment['metadata']['name']}-abcd1234", "namespace": "topoflow"}}
+
+
 def test_config_map_is_a_valid_topoflow_config(rendered, tmp_path):
     from topoflow import sparkapp
     from topoflow.config import load_config
@@ -350,13 +388,15 @@ def test_each_stage_applies_alone_on_the_platform(rendered):
     everything = objects(rendered, "overlays/dev")
     platform = {(o["kind"], o["metadata"]["name"]) for o in everything
                 if o["metadata"]["labels"]["app.kubernetes.io/component"] == "platform"}
-    for stage in ("ingest", "prepare", "predict", "train", "serve"):
+    everything += [o for o in objects(rendered, "overlays/tune") if o["kind"] == "Experiment"]
+    for stage in ("ingest", "prepare", "predict", "train", "serve", "tune"):
         chosen = [o for o in everything if o["metadata"]["labels"]["app.kubernetes.io/component"] == stage]
         assert len(chosen) == 1, stage
         text = json.dumps(chosen[0])
         accounts = re.findall(r'"serviceAccount(?:Name)?": "([^"]+)"', text)
         maps = re.findall(r'"configMap": \{"name": "([^"]+)"', text)
-        assert accounts and (maps or stage == "serve")  # the predictor reads no config: its arguments say it all
+        # the predictor and the trials read no config: their arguments say it all
+        assert accounts and (maps or stage in ("serve", "tune"))
         for kind, ref in [*(("ServiceAccount", a) for a in accounts), *(("ConfigMap", m) for m in maps)]:
             assert (kind, ref) in platform, f"{stage} needs {kind}/{ref}, not in the platform"
 
@@ -373,7 +413,11 @@ def selects(selector: dict, labels: dict) -> bool:
 def test_network_policies_deny_by_default_and_allow_what_each_pod_needs(rendered):
     policies = {p["metadata"]["name"]: p["spec"] for p in objects(rendered, "base", "NetworkPolicy")}
     assert policies["default-deny"] == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
-    for where, _, _, labels in pods(rendered, "base"):
+    # a study's suggestion pod, which Katib creates in the namespace with these labels (util.SuggestionLabels)
+    suggestion = ("Suggestion/hlf", None, None, {"katib.kubeflow.org/suggestion": "hlf",
+                                                 "katib.kubeflow.org/experiment": "hlf",
+                                                 "deployment": "hlf-tpe", "sidecar.istio.io/inject": "false"})
+    for where, _, _, labels in [*pods(rendered, "overlays/tune"), suggestion]:
         applied = {n for n, p in policies.items() if selects(p["podSelector"], labels)}
         need = {"default-deny", "allow-dns", "allow-storage-egress"}
         if labels.get("spark-role"):
@@ -382,6 +426,10 @@ def test_network_policies_deny_by_default_and_allow_what_each_pod_needs(rendered
             need.add("allow-kube-api-egress")  # drivers create their executor pods
         if where.startswith("InferenceService/"):
             need.add("allow-serving-ingress")
+        if where.startswith("Experiment/"):
+            need.add("allow-katib-trial")
+        if where.startswith("Suggestion/"):
+            need.add("allow-katib-suggestion")
         assert applied == need, where
     dns = policies["allow-dns"]["egress"][0]
     assert {(p["protocol"], p["port"]) for p in dns["ports"]} == {("UDP", 53), ("TCP", 53)}
@@ -394,6 +442,24 @@ def test_network_policies_deny_by_default_and_allow_what_each_pod_needs(rendered
     assert allowed == {("istio-system", 8012), ("istio-system", 8080), ("knative-serving", 8012),
                        ("knative-serving", 8080), ("knative-serving", 9090)}
     assert all(set(peer) == {"namespaceSelector"} for rule in serving["ingress"] for peer in rule["from"])
+
+    # Katib: the trial's collector reports to katib-db-manager and may tell the early-stopping service to stop
+    # it; the suggestion pod answers Katib's controller and the trials (Katib v0.19's ports and labels)
+    def peers(rules, direction):
+        return {(peer.get("namespaceSelector", {}).get("matchLabels", {}).get("kubernetes.io/metadata.name"),
+                 json.dumps(peer.get("podSelector"), sort_keys=True), port["port"])
+                for rule in rules for peer in rule[direction] for port in rule["ports"]}
+
+    db = ("kubeflow", json.dumps({"matchLabels": {"katib.kubeflow.org/component": "db-manager"}}), 6789)
+    suggestions = json.dumps({"matchExpressions": [{"key": "katib.kubeflow.org/suggestion", "operator": "Exists"}]})
+    trials = json.dumps({"matchExpressions": [{"key": "katib.kubeflow.org/trial", "operator": "Exists"}]})
+    trial, suggestion = policies["allow-katib-trial"], policies["allow-katib-suggestion"]
+    assert trial["policyTypes"] == ["Egress"]
+    assert peers(trial["egress"], "to") == {db, (None, suggestions, 6788)}
+    controller = json.dumps({"matchLabels": {"katib.kubeflow.org/component": "controller"}})
+    assert peers(suggestion["ingress"], "from") == {("kubeflow", controller, 6789), ("kubeflow", controller, 6788),
+                                                   (None, trials, 6788)}
+    assert {db, (None, "null", 443), (None, "null", 6443)} == peers(suggestion["egress"], "to")
 
 
 def test_images_carry_the_package_version(rendered):

@@ -34,12 +34,31 @@ def test_compiled_pipeline_is_what_the_config_says(tmp_path):
     assert SECRET not in text and "key-id-0123" not in text, "no secret in the pipeline spec"
 
     tasks = spec["root"]["dag"]["tasks"]
-    assert sorted(tasks) == ["condition-1", "evaluate", "generate", "ingest", "prepare", "train", "train-2",
-                             "train-3"]
-    assert {tasks[t]["inputs"]["parameters"]["model_name"]["runtimeValue"]["constant"]
-            for t in ("train", "train-2", "train-3")} == {"hlf", "gru", "inclusive"}
+    every = _every_task(spec)
+    assert sorted(t["taskInfo"]["name"] for t in tasks.values()) == [
+        "condition-branches-1", "evaluate", "generate", "good-enough-to-serve", "ingest", "prepare", "train gru",
+        "train hlf", "train inclusive"]
     assert Config.model_validate(yaml.safe_load(spec["root"]["inputDefinitions"]["parameters"]["config"]["defaultValue"])) \
         .pipeline == cfg.pipeline, "the config parameter is the config"
+    assert spec["root"]["inputDefinitions"]["parameters"]["tune"]["defaultValue"] is False  # tune.enabled
+
+    # when the tune parameter is true each model is tuned first and trains with its tune task's settings; else
+    # one task answers "no settings" for all
+    (untuned,) = [t for t in every.values() if t["componentRef"]["name"] == "comp-untuned"]
+    assert every[untuned["_condition"]]["taskInfo"]["name"] == "no-tuning"
+    branches = spec["components"]["comp-condition-branches-1"]["dag"]["outputs"]["parameters"]
+    for model in cfg.pipeline.models:
+        (train,) = [t for t in tasks.values() if t["taskInfo"]["name"] == f"train {model}"]
+        assert train["inputs"]["parameters"]["model_name"]["runtimeValue"]["constant"] == model
+        (tune,) = [(name, t) for name, t in every.items() if t["componentRef"]["name"].startswith("comp-tune")
+                   and t["inputs"]["parameters"]["model_name"]["runtimeValue"]["constant"] == model]
+        assert every[tune[1]["_condition"]]["triggerPolicy"]["condition"] == \
+            "inputs.parameter_values['pipelinechannel--tune'] == true"
+        chosen = train["inputs"]["parameters"]["tuned"]["taskOutputParameter"]
+        assert chosen["producerTask"] == "condition-branches-1"
+        assert {(s["producerSubtask"], s["outputParameterKey"]) for s in branches[chosen["outputParameterKey"]]
+                ["valueFromOneof"]["parameterSelectors"]} == {(tune[1]["_condition"], f"pipelinechannel--{tune[0]}-Output"),
+                                                              (untuned["_condition"], "pipelinechannel--untuned-Output")}
 
     def artifacts(component: str, side: str) -> dict[str, str]:
         defs = spec["components"][f"comp-{component}"][f"{side}Definitions"]["artifacts"]
@@ -53,22 +72,22 @@ def test_compiled_pipeline_is_what_the_config_says(tmp_path):
         "system.ClassificationMetrics", "system.HTML", "system.Markdown", "system.Metrics"]
 
     # deploy runs after evaluate, only when evaluate chose a model (its output: the URL, or ""), on that URL
-    gate = tasks["condition-1"]
-    assert gate["dependentTasks"] == ["evaluate"] and gate["taskInfo"]["name"] == "good-enough-to-serve"
+    (gate,) = [t for t in tasks.values() if t["taskInfo"]["name"] == "good-enough-to-serve"]
+    assert gate["dependentTasks"] == ["evaluate"]
     assert gate["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--evaluate-Output'] != ''"
     outputs = spec["components"]["comp-evaluate"]["outputDefinitions"]["parameters"]
     assert {k: v["parameterType"] for k, v in outputs.items()} == {"Output": "STRING"}
-    deploy = spec["components"]["comp-condition-1"]["dag"]["tasks"]["deploy"]
+    deploy = spec["components"][gate["componentRef"]["name"]]["dag"]["tasks"]["deploy"]
     assert deploy["inputs"]["parameters"]["model_url"] == {"componentInputParameter": "pipelinechannel--evaluate-Output"}
 
     executors = spec["deploymentSpec"]["executors"]
     assert executors["exec-ingest"]["container"]["image"] == images.SPARK
-    assert executors["exec-train"]["container"]["image"] == images.TRAIN
-    assert executors["exec-deploy"]["container"]["image"] == images.BASE
+    assert executors["exec-train"]["container"]["image"] == images.TRAIN == executors["exec-tune"]["container"]["image"]
+    assert executors["exec-deploy"]["container"]["image"] == images.BASE == executors["exec-untuned"]["container"]["image"]
     for name, ex in executors.items():
         res = ex["container"]["resources"]
         assert res["cpuLimit"] == res["cpuRequest"] and res["memoryLimit"] == res["memoryRequest"], name
-        if name == "exec-deploy":  # it only talks to the API server: no data, no keys
+        if name in ("exec-deploy", "exec-untuned"):  # no data, no keys: deploy only talks to the API server
             assert name not in platform
             continue
         env = {e["envVar"] for s in platform[name]["secretAsEnv"] for e in s["keyToEnv"]}
@@ -83,6 +102,22 @@ def test_compiled_pipeline_is_what_the_config_says(tmp_path):
     assert train["accelerator"]["resourceType"] == "nvidia.com/gpu" and int(train["accelerator"]["resourceCount"]) == 1
     assert train["resourceMemoryLimit"] == "12Gi" and train["resourceCpuLimit"] == cfg.pipeline.train_cpu
     assert platform["exec-train"]["tolerations"] == [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
+
+
+def _every_task(spec: dict) -> dict[str, dict]:
+    """Every task of the pipeline, in conditions too, by name; each with ``_condition``: the condition task it
+    sits in."""
+    found: dict[str, dict] = {}
+
+    def walk(dag: dict, condition: str | None) -> None:
+        for name, task in dag["tasks"].items():
+            found[name] = {**task, "_condition": condition}
+            inner = spec["components"][task["componentRef"]["name"]].get("dag")
+            if inner:
+                walk(inner, name)
+
+    walk(spec["root"]["dag"], None)
+    return found
 
 
 def test_cpu_only_pipeline_asks_for_no_gpu(tmp_path):
@@ -124,7 +159,8 @@ def test_submit_to_an_unreachable_host_is_a_clear_error(capsys):
 @pytest.mark.slow
 def test_local_pipeline_run_equals_the_cli_stages(spark, delphes_dir, tmp_path, monkeypatch):
     """`topoflow pipeline run --local` (kfp.local, every step a subprocess) writes what the stages
-    write when called one by one; its deploy step runs, and reaches for no cluster."""
+    write when called one by one: with tuning on, its train step trains the best trial's settings; its deploy
+    step runs, and reaches for no cluster."""
     from test_ingest import read_dataset
     from topoflow.ingest import ingest
     from topoflow.pipeline import run_local
@@ -142,13 +178,22 @@ def test_local_pipeline_run_equals_the_cli_stages(spark, delphes_dir, tmp_path, 
         cfg.train.output, cfg.train.checkpoint_dir = str(base / "models/{model}"), str(base / "ckpt/{model}")
         cfg.evaluate.output, cfg.pipeline.models = str(base / "report"), ["hlf"]
         cfg.deploy.min_auc = 0.0  # any model with every class in the test split passes
+        cfg.tune.output = str(base / "tuning/{name}")
         return cfg
 
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)  # not a pod, whatever runs the tests
-    run_local(config(tmp_path / "kfp"), tmp_path / "kfp-root")
+    tuned = config(tmp_path / "kfp")
+    tuned.tune = {"enabled": True, "output": tuned.tune.output, "algorithm": "grid", "parallelism": 1,
+                  "parameters": {"learning_rate": {"choices": [0.003, 0.03]}}}
+    run_local(tuned, tmp_path / "kfp-root")
+    chosen = json.loads(json.loads(next((tmp_path / "kfp-root").rglob("tune/executor_output.json")).read_text())
+                        ["parameterValues"]["Output"])
+    trials = json.loads((tmp_path / "kfp/tuning/hlf/trials.json").read_text())
+    assert len(trials) == 2 and chosen == trials[0]["params"], "the tune step passes the best trial's settings"
     cli = config(tmp_path / "cli")
     ingest(cli, spark, show_progress=False)
     prepare(cli, spark, show_progress=False)
+    cli.train.learning_rate = chosen["learning_rate"]
     trained = train(cli, show_progress=False)
 
     kfp, ref = tmp_path / "kfp", tmp_path / "cli"

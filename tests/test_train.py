@@ -4,6 +4,7 @@ padding, exports agree, and the report's numbers match independent computations.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -78,7 +79,7 @@ def test_each_model_trains_on_real_delphes_fixture(delphes_prepared, tmp_path, m
     assert np.isfinite(result.history["loss"]).all()
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\r" not in out, "no progress bar when stdout is not a terminal"
-    metric_lines = [line for line in out.splitlines() if line.startswith("epoch=1 ")]
+    metric_lines = [line for line in out.splitlines() if re.match(r"\d{4}-\d\d-\d\dT[\d:.]+Z epoch=1 ", line)]
     assert len(metric_lines) == 1 and "val_loss=" in metric_lines[0], "a Katib-readable metric line of its own"
     assert "1 epoch," in result.table()
     assert (tmp_path / "models" / model / "_manifest.json").exists()

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -198,3 +199,14 @@ def test_the_grid_needs_steps_and_a_continued_study_the_same_space(prepared, tmp
     cfg.tune.parameters = {"dropout": {"low": 0.0, "high": 0.4}}
     with pytest.raises(TopoflowError, match="started with other parameters settings"):
         Study("s", str(tmp_path / "study"), cfg)
+
+
+def test_the_example_space_loads_and_emits_the_same_katib_space():
+    from topoflow import katib
+
+    configs = Path(__file__).parents[1] / "configs"
+    cfg = load_config(configs / "default.yaml", ["train.model=hlf"], sections={"tune": configs / "tune-hlf.yaml"})
+    assert cfg.tune.parameters["hlf_units"].type == "categorical" and cfg.tune.parameters["learning_rate"].type == "float"
+    spec = katib.experiment(cfg)["spec"]
+    assert [p["name"] for p in spec["parameters"]] == list(cfg.tune.parameters)
+    assert spec["maxTrialCount"] == cfg.tune.trials and spec["earlyStopping"]["algorithmName"] == "medianstop"

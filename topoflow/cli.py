@@ -433,7 +433,9 @@ def _run_tune(config: Config, args) -> None:
         from topoflow import katib
 
         if args.emit:
-            text = katib.experiment_yaml(config)
+            import yaml
+
+            text = yaml.safe_dump(katib.experiment(config), sort_keys=False, width=120)
             if args.emit == "-":
                 print(text, end="")
             else:

@@ -241,8 +241,8 @@ class TuneConfig(_Section):
     on ``train.data``. A search-space file (``--space``) holds this section."""
 
     enabled: bool = Field(False, description="the pipeline tunes each model before training it")
-    name: str = Field("{model}", pattern=r"^[a-z0-9{}]([-a-z0-9{}]*[a-z0-9{}])?$",
-                      description="study name (Katib Experiment name); a study of the same name is continued")
+    name: str = Field("{model}", pattern=r"^[a-z{]([-a-z0-9{}]*[a-z0-9}])?$",
+                      description="study name (Katib Experiment name: a letter first); the same name continues a study")
     output: str = Field("out/tuning/{name}", description="URL of the study: its journal, trials.parquet, "
                         "trials.json, trials.png and best.yaml")
     backend: Literal["spark", "katib"] = Field("spark", description="spark: trials as Spark tasks (locally one "

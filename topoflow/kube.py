@@ -14,6 +14,8 @@ from typing import Callable
 
 from topoflow.errors import TopoflowError
 
+SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "access_key_id", "AWS_SECRET_ACCESS_KEY": "secret_access_key"}  # env <- key
+# in the Secret pipeline.s3_secret: how every pod topoflow creates gets its S3 keys
 REQUEST_TIMEOUT = (10, 30)  # connect, read (s): a silent API server fails the call instead of hanging it
 
 
@@ -139,3 +141,9 @@ def message(e) -> str:
 def reason(e) -> str:
     """The last words of urllib3's nested error, e.g. "[Errno 111] Connection refused"."""
     return str(getattr(e, "reason", None) or e).rpartition(": ")[2]
+
+
+def whole_cpus(quantity: str) -> int:
+    """The whole CPUs of a Kubernetes CPU quantity ("4", "3500m", "0.5"), at least one: what a pod may use."""
+    value = float(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+    return max(1, int(value))

@@ -38,7 +38,6 @@ ENTRY = "local:///opt/topoflow/entry.py"
 IN_CLUSTER_MASTER = "k8s://https://kubernetes.default.svc"
 # Fixed ports, so that k8s/'s NetworkPolicy between drivers and executors can name them.
 SPARK_PORTS = {"spark.driver.port": "7078", "spark.driver.blockManager.port": "7079", "spark.blockManager.port": "7079"}
-SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "access_key_id", "AWS_SECRET_ACCESS_KEY": "secret_access_key"}  # env -> key
 SPARK_VERSION = "4.3.0"  # the pyspark that pyproject's spark extra pins, i.e. the image's Spark
 FAILURE_STATES = ("FAILED", "SUBMISSION_FAILED")
 # Spark names the driver's container so (Constants.DEFAULT_DRIVER_CONTAINER_NAME; the operator's
@@ -55,7 +54,7 @@ def run_stage(stage: str, cfg: Config, *, namespace: str, image: str, service_ac
               poll_s: float = 5.0, log=print, api=None) -> dict:
     """Run ``topoflow <stage>`` as a SparkApplication in ``namespace`` and wait for it to end.
 
-    ``secret`` names the Kubernetes Secret whose keys (``SECRET_KEYS``) reach the driver and executors as
+    ``secret`` names the Kubernetes Secret whose keys (``kube.SECRET_KEYS``) reach the driver and executors as
     the AWS_* variables (the config's own keys are never copied into the object). ``run_id`` labels the
     application (e.g. the Kubeflow run's id). ``api`` is a ``kubernetes.client.ApiClient`` (default: the
     in-cluster service account, else the kubeconfig). Returns the final ``.status``; raises TopoflowError
@@ -94,7 +93,7 @@ def spark_application(stage: str, cfg: Config, *, name: str, namespace: str, ima
         raise ConfigError(f"stage {stage!r} does not run on Spark; use one of {list(SPARK_STAGES)}")
     labels = {"app.kubernetes.io/name": "topoflow", "app.kubernetes.io/component": stage, "topoflow/run-id": run_id}
     env = [{"name": var, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
-           for var, key in SECRET_KEYS.items()] if secret else []
+           for var, key in kube.SECRET_KEYS.items()] if secret else []
     pod_security, container_security = kube.security_contexts(images.UID)
     pod = {
         "labels": labels,

@@ -3,8 +3,8 @@ and the URLs the step before produced, runs one stage, and returns the URL it wr
 body (``components/``) calls exactly one of them, so the pipeline runs the very code the CLI runs.
 
 On a cluster the Spark stages (ingest, prepare, predict) are launched as SparkApplications when
-``pipeline.spark_launcher`` is ``kubernetes``; otherwise Spark runs in the step's own process. After
-evaluation, :func:`choose` picks the model to serve and :func:`deploy` serves it with KServe.
+``pipeline.spark_launcher`` is ``kubernetes``; otherwise Spark runs in the step's own process. Tuning, when
+enabled, runs a Katib Experiment (``tune.backend`` katib) or trials on the step's Spark. After evaluation, :func:`choose` picks the model to serve and :func:`deploy` serves it with KServe.
 
 Storage (fsspec) is imported where it is used: the deploy step runs in the small launcher image, which has
 only the Kubernetes client.
@@ -79,12 +79,39 @@ def predict(text: str, model_url: str) -> str:
     return cfg.predict.output
 
 
-def train(text: str, prepared: str, model: str) -> str:
-    """Train ``model``; a retried pod that finds its checkpoint (on a volume) continues it."""
+def tune(text: str, prepared: str, model: str, log=print) -> str:
+    """Tune ``model`` on ``prepared``; the best trial's train settings as JSON, for :func:`train`. With
+    ``tune.backend`` katib, in a pod of the cluster, a Katib Experiment runs the trials; otherwise (the spark
+    backend, or a local run, which never reaches for a cluster) trials run on the step's own Spark."""
+    cfg = load_config(text=text)
+    cfg.train.data, cfg.train.model = prepared, model
+    if cfg.tune.backend == "katib" and kube.in_cluster():
+        from topoflow.katib import run as run_katib
+
+        params = run_katib(cfg, namespace=cfg.pipeline.namespace, log=log)["parameters"]
+    else:
+        if cfg.tune.backend == "katib":
+            log("not running in a Kubernetes pod (a local run): tuning with the spark backend instead of Katib")
+        if kube.in_cluster() and cfg.spark.master == "local[*]":  # a pod sees the node's cores, not its limit
+            cfg.spark.master = f"local[{kube.whole_cpus(cfg.pipeline.train_cpu)}]"
+        from topoflow.tune import tune as run
+
+        result = run(cfg, show_progress=False, log=log)
+        log(result.table())
+        params = result.best["params"]
+    log(f"best {model} settings: {json.dumps(params)}")
+    return json.dumps(params)
+
+
+def train(text: str, prepared: str, model: str, tuned: str = "") -> str:
+    """Train ``model`` (with the settings :func:`tune` chose, when given); a retried pod that finds its
+    checkpoint (on a volume) continues it."""
     from topoflow.train import STATE, train as run
 
     cfg = load_config(text=text)
     cfg.train.data, cfg.train.model = prepared, model
+    for name, value in json.loads(tuned or "{}").items():
+        setattr(cfg.train, name, value)
     state = Path(cfg.train.resolved(cfg.train.checkpoint_dir)) / STATE
     return run(cfg, resume=state.exists(), show_progress=False).output
 

@@ -15,6 +15,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Callable
 
@@ -101,6 +102,10 @@ def fit(cfg: Config, resume: bool = False, restart: bool = False, show_progress:
     train_ds = dataset.tf_dataset(storage.join(tc.data, "train"), sc, shuffle=True, seed=tc.seed, bucket=tc.bucket,
                                   first_epoch=first_epoch, **common)
     val_ds = dataset.tf_dataset(validation, sc, **common)
+    if tc.threads:  # tf.data's own pool would start a thread per core as well
+        options = tf.data.Options()
+        options.threading.private_threadpool_size = tc.threads
+        train_ds, val_ds = train_ds.with_options(options), val_ds.with_options(options)
     steps = min(int(train_ds.cardinality()), tc.steps_per_epoch or 1 << 62)
     with strategy.scope():
         if state:
@@ -236,7 +241,8 @@ class _Hook(keras.callbacks.Callback):
 
 
 class _MetricLines(keras.callbacks.Callback):
-    """``epoch=N name=value …`` on stdout each epoch: the format Katib's StdOut collector reads.
+    """``<UTC time> epoch=N name=value …`` on stdout each epoch: the format Katib's StdOut collector reads (an RFC
+    3339 time first, else it gives every value the same time and "latest" is whatever its database returns).
     Always a line of its own: after Keras' bar (which ends its line only after this callback)."""
 
     def __init__(self, after_bar: bool):
@@ -245,4 +251,5 @@ class _MetricLines(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         values = " ".join(f"{k}={float(v):.6g}" for k, v in sorted((logs or {}).items()))
-        print(f"{self.start}epoch={epoch + 1} {values}", flush=True)
+        now = datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+        print(f"{self.start}{now} epoch={epoch + 1} {values}", flush=True)

@@ -87,13 +87,14 @@ def tune(cfg: Config, spark=None, show_progress: bool = True, log: Callable[[str
                 for future in done:
                     trial, params = running.pop(future)
                     log(study.tell(trial, params, future.result()))
-                    study.save()
+                    study.save(plot=False)
         except KeyboardInterrupt:
             sc.cancelAllJobs()
             for trial, params in running.values():
                 study.tell(trial, params, {"error": INTERRUPTED})
             study.save()
             raise
+    study.save()
     result = study.result()
     if result.best is None:
         raise TopoflowError(f"no trial of study {name} completed; the errors are in {storage.join(output, 'trials.json')}"
@@ -335,16 +336,18 @@ class Study:
                 "seconds": round(t.user_attrs.get("seconds", 0.0), 1), "params": params,
                 "metrics": t.user_attrs.get("metrics", {}), "curve": curve, "error": t.user_attrs.get("error")}
 
-    def save(self) -> None:
-        """Publish the journal (remote studies) and rewrite the results, each file replaced whole."""
-        from topoflow.plots import tuning_plot
-
+    def save(self, plot: bool = True) -> None:
+        """Publish the journal (remote studies) and rewrite the results, each file replaced whole; the plot
+        (half a second of the driver's CPU, which trials share) only when asked: at the end."""
         result = self.result()
         files = {"trials.json": json.dumps(result.rows, indent=1).encode(), "trials.parquet": _parquet(result)}
-        with tempfile.TemporaryDirectory() as tmp:
-            png = Path(tmp) / "trials.png"
-            tuning_plot(png, result, self.tc.parameters)
-            files["trials.png"] = png.read_bytes()
+        if plot:
+            from topoflow.plots import tuning_plot
+
+            with tempfile.TemporaryDirectory() as tmp:
+                png = Path(tmp) / "trials.png"
+                tuning_plot(png, result, self.tc.parameters)
+                files["trials.png"] = png.read_bytes()
         if result.best:
             files["best.yaml"] = best_yaml(self.cfg, result).encode()
         if not self.local:
