@@ -61,6 +61,7 @@ bench: install system-deps
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq wrk >/dev/null; } \
 		|| { echo "error: wrk not found: apt-get install wrk"; exit 1; }
 	$(BIN)/python benchmarks/serving.py
+	$(BIN)/python benchmarks/tuning.py
 
 # The container images, one per dependency tier (needs a Docker engine with BuildKit).
 images:

@@ -67,3 +67,15 @@ def to_original(table: pa.Table, path: Path) -> Path:
     path.mkdir(parents=True)
     pq.write_table(out, path / "part-00000.parquet")
     return path
+
+
+def prepared(spark, base: Path, per_class: int) -> Path:
+    """Separable synthetic events of ``per_class`` events per class, prepared by topoflow into ``base/prepared``."""
+    from topoflow.config import Config
+    from topoflow.prepare import prepare
+
+    src = write_dataset(ingested_table({c: per_class for c in CLASSES}), base / "in")
+    cfg = Config()
+    cfg.prepare.input, cfg.prepare.output = str(src), str(base / "prepared")
+    prepare(cfg, spark, show_progress=False)
+    return base / "prepared"

@@ -24,14 +24,7 @@ pytestmark = pytest.mark.spark
 @pytest.fixture(scope="module")
 def synthetic_prepared(spark, tmp_path_factory):
     """Separable synthetic events (HLF and particles shifted by class), prepared by topoflow."""
-    from topoflow.prepare import prepare
-
-    base = tmp_path_factory.mktemp("syn")
-    src = synthetic.write_dataset(synthetic.ingested_table({"qcd": 400, "ttbar": 400, "wjets": 400}), base / "in")
-    cfg = Config()
-    cfg.prepare.input, cfg.prepare.output = str(src), str(base / "prepared")
-    prepare(cfg, spark, show_progress=False)
-    return base / "prepared"
+    return synthetic.prepared(spark, tmp_path_factory.mktemp("syn"), 400)
 
 
 @pytest.fixture(scope="module")

@@ -27,14 +27,7 @@ pytestmark = pytest.mark.spark
 @pytest.fixture(scope="module")
 def prepared(spark, tmp_path_factory):
     """Separable synthetic events prepared by topoflow (HLF trials take seconds)."""
-    from topoflow.prepare import prepare
-
-    base = tmp_path_factory.mktemp("tune")
-    src = synthetic.write_dataset(synthetic.ingested_table({"qcd": 300, "ttbar": 300, "wjets": 300}), base / "in")
-    cfg = Config()
-    cfg.prepare.input, cfg.prepare.output = str(src), str(base / "prepared")
-    prepare(cfg, spark, show_progress=False)
-    return base / "prepared"
+    return synthetic.prepared(spark, tmp_path_factory.mktemp("tune"), 300)
 
 
 def study_config(prepared, output, **tune) -> Config:

@@ -74,7 +74,7 @@ Train one of the three classifiers of SPEC.md (hlf, gru, inclusive) on a prepare
 streamed from any URL, on CPU or GPU(s), then export it for serving: model.keras, saved_model/,
 model.onnx, preprocessing.json and a model card, in one folder.
 
-Every epoch is checkpointed (checkpoint_dir) and prints `epoch=N loss=… val_auc=…` on a line of
+Every epoch is checkpointed (checkpoint_dir) and prints `<UTC time> epoch=N loss=… val_auc=…` on a line of
 its own (the format Katib's StdOut collector reads; val_* are on the validation split, never on
 test); TensorBoard logs go to <checkpoint_dir>/logs. A killed run continues with --resume (same
 settings) and reaches the same result; an existing checkpoint is never discarded without --restart.

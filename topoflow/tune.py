@@ -30,7 +30,7 @@ from typing import Any, Callable
 import yaml
 
 from topoflow import storage
-from topoflow.config import Config, EarlyStopping, Parameter, TuneConfig
+from topoflow.config import Config, EarlyStopping, Parameter
 from topoflow.errors import TopoflowError
 
 JOURNAL = "study.journal"
@@ -76,7 +76,7 @@ def tune(cfg: Config, spark=None, show_progress: bool = True, log: Callable[[str
         running: dict = {}
         try:
             while True:
-                while len(running) < tc.parallelism and study.wants_more(len(running), started, log):
+                while len(running) < tc.parallelism and study.wants_more(len(running), started):
                     trial, params = study.ask()
                     job = trial_config(cfg, params, threads)
                     running[pool.submit(_on_spark, sc, job, study.completed_curves(), f"{name}-{trial.number}")] = (
@@ -94,6 +94,8 @@ def tune(cfg: Config, spark=None, show_progress: bool = True, log: Callable[[str
                 study.tell(trial, params, {"error": INTERRUPTED})
             study.save()
             raise
+    if study.stopped:
+        log(f"stopped early: {study.stopped}")
     study.save()
     result = study.result()
     if result.best is None:
@@ -174,6 +176,7 @@ class Study:
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.name, self.output, self.cfg, self.tc = name, output, cfg, cfg.tune
+        self.stopped = ""  # why the study stopped before its budget, if it did
         self.fs, self.path = storage.filesystem(output, cfg.storage)
         self.local = storage.protocol(output) == "file"
         storage.check_output(output, "tune", cfg.storage, inputs=[cfg.train.data])
@@ -269,15 +272,16 @@ class Study:
             counts[_state(t)] += 1
         return counts
 
-    def wants_more(self, in_flight: int, started: float, log) -> bool:
-        """Whether another trial should start: budget, failures, time and (grid) points left."""
+    def wants_more(self, in_flight: int, started: float) -> bool:
+        """Whether another trial should start: budget, failures, time and (grid) points left. A study that
+        stops before its budget says why in ``stopped``."""
         c = self._counts()
         finished = c["complete"] + c["stopped"] + c["failed"]
         if c["failed"] > self.tc.max_failed:
-            log(f"stopping: {c['failed']} trials failed (tune.max_failed {self.tc.max_failed})")
+            self.stopped = f"{c['failed']} trials failed (more than tune.max_failed {self.tc.max_failed})"
             return False
         if self.tc.timeout_s is not None and time.monotonic() - started > self.tc.timeout_s:
-            log(f"stopping: tune.timeout_s {self.tc.timeout_s} s passed")
+            self.stopped = f"tune.timeout_s ({self.tc.timeout_s} s) passed; no trial starts after it"
             return False
         if self.tc.algorithm == "grid" and not c["queued"]:
             return False  # every point tried (or lost to an interruption)
