@@ -203,3 +203,21 @@ def test_the_example_space_loads_and_emits_the_same_katib_space():
     spec = katib.experiment(cfg)["spec"]
     assert [p["name"] for p in spec["parameters"]] == list(cfg.tune.parameters)
     assert spec["maxTrialCount"] == cfg.tune.trials and spec["earlyStopping"]["algorithmName"] == "medianstop"
+
+
+def test_tune_emits_a_katib_experiment_of_the_same_space(tmp_path, capsys):
+    from crds import validate
+    from topoflow.cli import main
+
+    configs = Path(__file__).parents[1] / "configs"
+    out = tmp_path / "experiment.yaml"
+    assert main(["tune", "--model", "hlf", "--space", str(configs / "tune-hlf.yaml"), "--backend", "katib",
+                 "--emit", str(out)]) == 0
+    assert f"kubectl apply -n topoflow -f {out}" in capsys.readouterr().out
+    obj = yaml.safe_load(out.read_text())
+    validate(obj)
+    space = yaml.safe_load((configs / "tune-hlf.yaml").read_text())
+    assert obj["metadata"]["name"] == "hlf" and obj["spec"]["maxTrialCount"] == space["trials"]
+    assert {p["name"]: p["parameterType"] for p in obj["spec"]["parameters"]} == {
+        "learning_rate": "double", "hlf_units": "categorical", "batch_size": "categorical"}
+    assert main(["tune", "--emit", str(out)]) == 2 and "--backend katib" in capsys.readouterr().err
