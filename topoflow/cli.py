@@ -453,7 +453,7 @@ def _run_tune(config: Config, args) -> None:
         raise TopoflowError("--emit writes a Katib Experiment: add --backend katib")
     from topoflow.tune import tune
 
-    print(tune(config, show_progress=not args.no_progress).table())
+    print(tune(config).table())  # a line per trial is its progress
 
 
 def _run_evaluate(config: Config, args) -> None:

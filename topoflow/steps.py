@@ -96,7 +96,7 @@ def tune(text: str, prepared: str, model: str, log=print) -> str:
             cfg.spark.master = f"local[{kube.whole_cpus(cfg.pipeline.train_cpu)}]"
         from topoflow.tune import tune as run
 
-        result = run(cfg, show_progress=False, log=log)
+        result = run(cfg, log=log)
         log(result.table())
         params = result.best["params"]
     log(f"best {model} settings: {json.dumps(params)}")

@@ -53,7 +53,7 @@ class TuneResult:
         return _table(self)
 
 
-def tune(cfg: Config, spark=None, show_progress: bool = True, log: Callable[[str], None] = print) -> TuneResult:
+def tune(cfg: Config, spark=None, log: Callable[[str], None] = print) -> TuneResult:
     """Run (or continue) the study ``tune.name`` for ``train.model`` on ``train.data``; see the module doc."""
     from topoflow.preprocessing import Preprocessing
     from topoflow.spark import session
