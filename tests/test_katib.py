@@ -133,7 +133,7 @@ def test_counts_never_exceed_the_trials():
     (['tune.parameters={data: {choices: ["s3://b/$x", "s3://b/y"]}}'],
      r"tune.parameters.data: the choice 's3://b/\$x' cannot pass through Katib"),
     (["tune.parameters={dense_units: {low: 10, high: 20, step: 2.5}}"],
-     r"tune.parameters.dense_units: an int parameter needs a whole step, not 2.5"),
+     r"dense_units: an int range needs whole low, high and step"),
 ])
 def test_what_katib_cannot_take_is_a_config_error(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -425,7 +425,7 @@ def test_forbidden_create_is_an_rbac_error(k8s):
 
 
 def test_an_invalid_experiment_is_refused_naming_the_field(k8s, monkeypatch):
-    monkeypatch.setattr(katib, "_number", lambda name, value, kind: float(value))  # a number where Katib wants text
+    monkeypatch.setattr(katib, "_number", lambda value, kind: float(value))  # a number where Katib wants text
     text = str(_run(k8s)[0])
     assert text.startswith(f"cannot create experiments.kubeflow.org in namespace '{NS}' (422 Unprocessable Entity): ")
     assert "$.spec.parameters[0].feasibleSpace.min: 0.0003 is not of type 'string'" in text

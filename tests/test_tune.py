@@ -88,14 +88,18 @@ def test_median_stopping_ends_a_bad_trial_early(spark, prepared, tmp_path):
     assert max(bad["curve"]) < sum(good["curve"][:2]) / 2  # the rule that stopped it
 
 
-def test_median_rule():
+def test_median_rule_is_katibs():
+    """Katib 0.19: threshold = mean over completed trials of each one's average over its first start_step values
+    (medianstop/service.py); the trial's best value so far is compared once, at its start_step-th report
+    (file-metricscollector/main.go, updateStopRules)."""
     from topoflow.tune import median_stop
 
     es = EarlyStopping(min_trials=2, start_epoch=2)
-    completed = [[0.6, 0.8, 0.9], [0.7, 0.9, 0.95], [0.5, 0.6]]
+    completed = [[0.6, 0.8, 0.9], [0.7, 0.9, 0.95], [0.5, 0.6]]  # averages 0.7, 0.8, 0.55: threshold 0.6833
+    assert median_stop([0.5, 0.68], completed, "maximize", es)
+    assert not median_stop([0.69, 0.5], completed, "maximize", es)  # its best so far counts
     assert not median_stop([0.1], completed, "maximize", es)  # before start_epoch
-    assert median_stop([0.5, 0.6], completed, "maximize", es)  # best 0.6 < median(0.7, 0.8, 0.55)
-    assert not median_stop([0.5, 0.75], completed, "maximize", es)
+    assert not median_stop([0.1, 0.1, 0.1], completed, "maximize", es)  # after it: checked once only
     assert median_stop([0.9, 0.8], [[0.5, 0.6], [0.4, 0.5]], "minimize", es)  # losses: lower is better
     assert not median_stop([0.5, 0.1], completed, "maximize", EarlyStopping(min_trials=2, start_epoch=2, enabled=False))
     assert not median_stop([0.5, 0.1], completed[:1], "maximize", es)  # too few completed trials
@@ -162,7 +166,8 @@ def test_a_killed_study_continues_without_repeating_finished_trials(prepared, tm
     ({"learnig_rate": {"low": 0.001, "high": 0.1}}, "did you mean learning_rate"),
     ({"model": {"choices": ["hlf", "gru"]}}, "not a train setting one can tune"),
     ({"dropout": {"low": 0.0, "high": 1.0}}, "1.0 is not a valid train.dropout"),
-    ({"gru_units": {"low": 8, "high": 64.5}}, "whole low and high"),
+    ({"gru_units": {"low": 8, "high": 64.5}}, "whole low, high and step"),
+    ({"epochs": {"low": 1, "high": 4, "step": 1.5}}, "whole low, high and step"),
     ({"batch_size": {"choices": []}}, "choices is empty"),
     ({"hlf_units": {"low": 1, "high": 4}}, "give choices"),
     ({}, "no parameters to tune"),
@@ -186,6 +191,9 @@ def test_the_grid_needs_steps_and_a_continued_study_the_same_space(prepared, tmp
     assert "grid algorithm needs a step (or choices) for dropout" in capsys.readouterr().err
     assert f"in file {tmp_path / 'grid.yaml'}" in str(pytest.raises(ConfigError, load_config,
                                                                        sections={"tune": tmp_path / "grid.yaml"}).value)
+
+    with pytest.raises(ConfigError, match=r"tune.output: unknown placeholder 'modl'"):
+        load_config(overrides=["tune.output=out/{modl}"])
 
     cfg = study_config(prepared, tmp_path / "study")
     Study("s", str(tmp_path / "study"), cfg)
@@ -221,3 +229,18 @@ def test_tune_emits_a_katib_experiment_of_the_same_space(tmp_path, capsys):
     assert {p["name"]: p["parameterType"] for p in obj["spec"]["parameters"]} == {
         "learning_rate": "double", "hlf_units": "categorical", "batch_size": "categorical"}
     assert main(["tune", "--emit", str(out)]) == 2 and "--backend katib" in capsys.readouterr().err
+
+
+def test_a_continued_grid_queues_the_points_of_interrupted_trials_again(prepared, tmp_path):
+    from topoflow.tune import INTERRUPTED, Study
+
+    cfg = study_config(prepared, tmp_path / "study", algorithm="grid", parameters={"batch_size": {"choices": [32, 64, 128]}})
+    study = Study("g", str(tmp_path / "study"), cfg)
+    trial, params = study.ask()  # in flight when the run is killed
+    study = Study("g", str(tmp_path / "study"), cfg)  # the next run
+    assert study.interrupted == 1
+    rows = study.result().rows
+    assert [r["state"] for r in rows] == ["interrupted"] and rows[0]["error"] == INTERRUPTED
+    queued = sorted(json.loads(t.system_attrs["fixed_params"]["batch_size"]) for t in study.study.trials
+                    if t.state.name == "WAITING")
+    assert queued == [32, 64, 128], "the interrupted point is queued again"

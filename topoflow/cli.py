@@ -105,8 +105,8 @@ The search space is the tune section of the config, or a YAML file of it (--spac
 
 Backends: spark (default) runs each trial as a Spark task (locally one per core, each with its
 share of the cores) through the normal training code, an Optuna study proposing trials (ask and
-tell); a trial whose objective, by an epoch, is worse than the median of the completed trials is
-stopped there. katib writes (--emit FILE) or runs a Katib Experiment of the same space on
+tell); a trial whose best objective by epoch start_epoch is worse than the completed trials' mean
+there (Katib's medianstop rule) is stopped. katib writes (--emit FILE) or runs a Katib Experiment of the same space on
 Kubernetes, one Job per trial, metrics read from the `epoch=N val_auc=...` lines training prints.
 
 The study lives at tune.output (default out/tuning/<model>): a journal updated after each trial,
@@ -288,7 +288,7 @@ def _parser() -> argparse.ArgumentParser:
     restart.add_argument("--restart", action="store_true", help="discard the checkpoint and start afresh")
 
     tu = stage("tune", "search train settings: parallel trials on Spark, or a Katib Experiment", _TUNE_HELP,
-                _run_tune, spark)
+                _run_tune, writes, spark)
     tu.add_argument("--space", metavar="FILE", help="YAML file holding the search space (the tune section)")
     tu.add_argument("--model", choices=("hlf", "gru", "inclusive"), help="which classifier (train.model)")
     tu.add_argument("--data", metavar="URL", help="prepared dataset (train.data)")
@@ -521,7 +521,8 @@ def main(argv: list[str] | None = None) -> int:
             from topoflow.spark import stop_active
 
             stop_active()
-        print("interrupted: no output was committed", file=sys.stderr)
+        print("interrupted: the study is saved; run the same command to continue it" if args.command == "tune"
+              else "interrupted: no output was committed", file=sys.stderr)
         return 130
     return 0
 

@@ -216,13 +216,13 @@ class Parameter(_Section):
 
 
 class EarlyStopping(_Section):
-    """Median stopping (Katib's medianstop): from epoch ``start_epoch`` on, a trial stops when its best
-    objective so far is worse than the median of the running averages of the completed trials at that epoch,
-    once ``min_trials`` trials have completed."""
+    """Median stopping, Katib's medianstop rule: once ``min_trials`` trials have completed, a trial reaching
+    epoch ``start_epoch`` stops there when its best objective so far is worse than the mean, over the completed
+    trials, of each one's average over its first ``start_epoch`` epochs."""
 
     enabled: bool = True
     min_trials: int = Field(3, ge=1, description="completed trials needed before any trial is stopped")
-    start_epoch: int = Field(2, ge=1, description="first epoch at which a trial may be stopped")
+    start_epoch: int = Field(2, ge=1, description="the epoch at which a trial may be stopped")
 
 
 class Objective(_Section):
@@ -262,6 +262,16 @@ class TuneConfig(_Section):
 
     def resolved(self, text: str, model: str) -> str:
         return text.format(name=self.name.format(model=model), model=model)
+
+    @model_validator(mode="after")
+    def _known_placeholders(self) -> TuneConfig:
+        for name in ("name", "output"):
+            try:
+                self.resolved(getattr(self, name), "hlf")
+            except (KeyError, IndexError, ValueError) as e:
+                raise ValueError(f"tune.{name}: unknown placeholder {e} in {getattr(self, name)!r}; "
+                                 "use {model} or {name}") from None
+        return self
 
     @field_validator("parameters")
     @classmethod
@@ -315,8 +325,8 @@ def _check_parameter(name: str, p: Parameter) -> None:
             raise ValueError(f"{name}: a log scale takes no step")
         if p.step is not None and abs((p.high - p.low) / p.step - round((p.high - p.low) / p.step)) > 1e-9:
             raise ValueError(f"{name}: step {p.step:g} does not divide the range {p.low:g} to {p.high:g}")
-        if p.type == "int" and not (float(p.low).is_integer() and float(p.high).is_integer()):
-            raise ValueError(f"{name}: an int range needs whole low and high")
+        if p.type == "int" and not all(float(v).is_integer() for v in (p.low, p.high, p.step or 1)):
+            raise ValueError(f"{name}: an int range needs whole low, high and step")
         values = [int(p.low), int(p.high)] if p.type == "int" else [p.low, p.high]
     for v in values:
         try:

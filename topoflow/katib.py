@@ -42,6 +42,7 @@ import yaml
 from topoflow import images, kube
 from topoflow.config import METRICS, Config, Parameter
 from topoflow.errors import ConfigError, TopoflowError
+from topoflow.extras import require
 
 EXPERIMENT = kube.Resource("kubeflow.org", "v1beta1", "experiments", "Experiment", "Katib")
 CONTAINER = "train"  # the trial's primary container: the one Katib wraps and whose output it reads
@@ -116,16 +117,14 @@ def _parameter(name: str, p: Parameter) -> dict:
     if p.type == "categorical":
         return {"name": name, "parameterType": "categorical",
                 "feasibleSpace": {"list": [_choice(name, c) for c in p.choices], "distribution": "uniform"}}
-    space = {"min": _number(name, p.low, p.type), "max": _number(name, p.high, p.type),
+    space = {"min": _number(p.low, p.type), "max": _number(p.high, p.type),
              "distribution": "logUniform" if p.scale == "log" else "uniform"}
     if p.step is not None:
-        space["step"] = _number(name, p.step, p.type)
+        space["step"] = _number(p.step, p.type)
     return {"name": name, "parameterType": "int" if p.type == "int" else "double", "feasibleSpace": space}
 
 
-def _number(name: str, value: float, kind: str) -> str:
-    if kind == "int" and not float(value).is_integer():
-        raise ConfigError(f"tune.parameters.{name}: an int parameter needs a whole step, not {value:g}")
+def _number(value: float, kind: str) -> str:
     return str(int(value)) if kind == "int" else repr(float(value))
 
 
@@ -204,8 +203,7 @@ def run(cfg: Config, namespace: str, client=None, log=print, timeout_s: float | 
     settings take them), "objective", "metrics"}`` (each metric's last reported value). ``client`` is a
     ``kubernetes.client.ApiClient`` (default: the in-cluster service account, else the kubeconfig). A failed
     study or the time-out raises TopoflowError saying what to look at; the Experiment stays in both cases."""
-    from kubernetes import client as k8s
-
+    k8s = require("kubernetes.client", "pipeline")
     api = client or kube.default_client()
     body = experiment(cfg, namespace)
     name = body["metadata"]["name"]

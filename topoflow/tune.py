@@ -3,21 +3,24 @@ trial trains through :func:`topoflow.train.fit` as a Spark task of its own (loca
 trials run in parallel processes, not in threads under the GIL.
 
 The driver keeps ``tune.parallelism`` trials in flight, each a one-task Spark job. Median stopping
-(Katib's medianstop rule, :func:`median_stop`) runs inside the trial after each epoch, against the curves of
-the trials completed when it started: no channel back to the driver is needed, on any Spark cluster.
+(Katib's medianstop rule, :func:`median_stop`) runs inside the trial, against the curves of the trials
+completed when it started: no channel back to the driver is needed, on any Spark cluster.
 
 The study lives at ``tune.output``: an Optuna journal (``study.journal``) updated after every trial, and the
 results, rewritten after every trial: ``trials.json``, ``trials.parquet``, ``trials.png`` and ``best.yaml``
 (the best trial's configuration, which ``topoflow train --config`` takes as is). Running again with the same
 study name continues it: finished trials are kept, trials that were in flight when it was killed are marked
-failed ("interrupted") and do not count.
+failed ("interrupted") and do not count (a grid queues their points again). One driver per study: a remote
+study's journal is a local copy uploaded after each trial, with no lock (the local journal file has one).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
+import re
 import statistics
 import tempfile
 import time
@@ -88,11 +91,13 @@ def tune(cfg: Config, spark=None, log: Callable[[str], None] = print) -> TuneRes
                     trial, params = running.pop(future)
                     log(study.tell(trial, params, future.result()))
                     study.save(plot=False)
-        except KeyboardInterrupt:
-            sc.cancelAllJobs()
+        except BaseException:  # Ctrl-C, SIGTERM, a failing save: trials in flight are lost, the rest is kept
+            with contextlib.suppress(Exception):  # the JVM may be gone already
+                sc.cancelAllJobs()
             for trial, params in running.values():
                 study.tell(trial, params, {"error": INTERRUPTED})
-            study.save()
+            with contextlib.suppress(Exception):
+                study.save()
             raise
     if study.stopped:
         log(f"stopped early: {study.stopped}")
@@ -114,21 +119,20 @@ def trial_config(cfg: Config, params: dict[str, Any], threads: int | None = None
 
 
 def median_stop(curve: list[float], completed: list[list[float]], goal: str, es: EarlyStopping) -> bool:
-    """Katib's medianstop rule: at epoch S = len(curve) >= ``start_epoch``, with ``min_trials`` completed trials
-    that reached S, stop when the best value so far is worse than the median of their running averages up to S."""
-    step = len(curve)
-    reached = [c[:step] for c in completed if len(c) >= step]
-    if not es.enabled or step < es.start_epoch or len(reached) < es.min_trials:
+    """Katib's medianstop rule (v0.19: its service's threshold, its collector's check): once ``min_trials`` trials
+    have completed, a trial reaching epoch ``start_epoch`` stops when its best value so far is worse than the
+    mean, over the completed trials, of each one's average over its first ``start_epoch`` epochs. Checked at
+    that epoch only, as Katib's collector does."""
+    done = [c[: es.start_epoch] for c in completed if c]
+    if not es.enabled or len(curve) != es.start_epoch or len(done) < es.min_trials:
         return False
-    median = statistics.median(sum(c) / step for c in reached)
-    return max(curve) < median if goal == "maximize" else min(curve) > median
+    threshold = statistics.mean(sum(c) / len(c) for c in done)
+    return max(curve) < threshold if goal == "maximize" else min(curve) > threshold
 
 
 def run_trial(cfg: Config, completed: list[list[float]], metric: str, goal: str, es: EarlyStopping) -> dict:
     """One trial, where a Spark task runs it: train with ``fit`` (no export), stopping when
     :func:`median_stop` says so. Errors come back as text: a failed trial is a result, not a failed job."""
-    import contextlib
-
     from topoflow.train import fit, keras
 
     curve: list[float] = []
@@ -165,7 +169,14 @@ def _on_spark(sc, cfg: Config, completed: list[list[float]], group: str) -> dict
     try:
         return sc.parallelize([0], 1).map(lambda _: run_trial(cfg, completed, metric, goal, es)).collect()[0]
     except Exception as e:  # noqa: BLE001
-        return {"error": str(job_error(e)).strip().splitlines()[-1][:500]}
+        return {"error": _job_failure(str(job_error(e)))}
+
+
+def _job_failure(text: str) -> str:
+    """What killed a trial's Spark job, e.g. "Python worker exited unexpectedly (crashed)", not a stack frame."""
+    causes = re.findall(r"SparkException: ([^\n]+)", text)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return (causes[-1] if causes else lines[0] if lines else "the trial's Spark job failed")[:500]
 
 
 class Study:
@@ -233,17 +244,21 @@ class Study:
         return len(stale)
 
     def _enqueue_grid(self) -> None:
-        """The grid: every point queued once, in an order drawn with ``tune.seed`` (Optuna's GridSampler stops
-        the study itself, which only works inside ``optimize``)."""
+        """The grid: every point not tried yet queued once, in an order drawn with ``tune.seed`` (Optuna's
+        GridSampler stops the study itself, which only works inside ``optimize``). A point whose trial was
+        interrupted is queued again."""
         import itertools
         import random
 
         names = list(self.tc.parameters)
         points = list(itertools.product(*(self.tc.parameters[n].values() for n in names)))
         random.Random(self.tc.seed).shuffle(points)
+        tried = {_key(t.params or t.system_attrs.get("fixed_params", {})) for t in self.study.trials
+                 if _state(t) != "interrupted"}
         for point in points:
             params = {n: _encode(self.tc.parameters[n], v) for n, v in zip(names, point)}
-            self.study.enqueue_trial(params, skip_if_exists=True)
+            if _key(params) not in tried:
+                self.study.enqueue_trial(params)
 
     def _sampler(self, offset: int):
         """The algorithm's sampler; seeded by ``tune.seed`` and the trials so far, so that a continued study
@@ -284,7 +299,9 @@ class Study:
             self.stopped = f"tune.timeout_s ({self.tc.timeout_s} s) passed; no trial starts after it"
             return False
         if self.tc.algorithm == "grid" and not c["queued"]:
-            return False  # every point tried (or lost to an interruption)
+            if not in_flight and finished < self.tc.trials:
+                self.stopped = f"every point of the grid was tried ({finished} trials)"
+            return False
         return finished + in_flight < self.tc.trials
 
     def ask(self):
@@ -359,8 +376,11 @@ class Study:
         with storage.storage_errors(self.output):
             for name, content in files.items():
                 target = storage.join(self.path, name)
-                self.fs.pipe(target + ".tmp", content)
-                self.fs.mv(target + ".tmp", target)
+                if self.local:  # a rename replaces a file whole; an object store's PUT does so itself
+                    self.fs.pipe(target + ".tmp", content)
+                    self.fs.mv(target + ".tmp", target)
+                else:
+                    self.fs.pipe(target, content)
 
 
 def best_yaml(cfg: Config, result: TuneResult) -> str:
@@ -382,6 +402,10 @@ def _state(t) -> str:
         return "interrupted"
     return {TrialState.COMPLETE: "complete", TrialState.PRUNED: "stopped", TrialState.FAIL: "failed",
             TrialState.WAITING: "queued"}.get(t.state, "running")
+
+
+def _key(params: dict) -> str:
+    return json.dumps(params, sort_keys=True)
 
 
 def _distribution(p: Parameter):
