@@ -244,3 +244,13 @@ def test_a_continued_grid_queues_the_points_of_interrupted_trials_again(prepared
     queued = sorted(json.loads(t.system_attrs["fixed_params"]["batch_size"]) for t in study.study.trials
                     if t.state.name == "WAITING")
     assert queued == [32, 64, 128], "the interrupted point is queued again"
+
+
+def test_a_trial_whose_worker_process_dies_is_recorded_with_the_cause(spark):
+    from topoflow.spark import job_error
+    from topoflow.tune import _job_failure
+
+    with pytest.raises(Exception) as died:  # what a trial killed by the OOM killer or a segfault looks like
+        spark.sparkContext.parallelize([0], 1).map(lambda _: os._exit(3)).collect()
+    assert _job_failure(str(job_error(died.value))).startswith("Python worker exited unexpectedly (crashed)")
+    assert spark.sparkContext.parallelize([1], 1).map(lambda x: x + 1).collect() == [2]  # the session goes on
