@@ -121,14 +121,15 @@ def tuning_plot(path: Path, result, parameters: dict) -> None:
     for r in scored:
         ax.plot(range(1, len(r["curve"]) + 1), r["curve"], ls="-" if r["state"] == "complete" else "--", alpha=0.7)
     ax.set(xlabel="epoch", ylabel=result.metric, title="per epoch (dashed: stopped early)")
-    for ax, (name, p) in zip(axes[2:], parameters.items()):
-        values = [(r["params"].get(name), r["value"]) for r in scored if name in r["params"]]
-        if p.type == "categorical":
-            labels = [str(v) for v in p.choices]
-            ax.plot([labels.index(str(v)) for v, _ in values], [y for _, y in values], "o", alpha=0.7)
+    for ax, (name, p) in zip(axes[2:], parameters.items()):  # hollow: stopped early, so its value is lower
+        labels = [str(v) for v in p.choices or ()]
+        for state in ("complete", "stopped"):
+            values = [(r["params"][name], r["value"]) for r in scored if name in r["params"] and r["state"] == state]
+            x = [labels.index(str(v)) if labels else v for v, _ in values]
+            ax.plot(x, [y for _, y in values], ls="none", alpha=0.7, color="C0", **style[state])
+        if labels:
             ax.set_xticks(range(len(labels)), labels, rotation=30 if len(labels) > 3 else 0, fontsize=8)
         else:
-            ax.plot([v for v, _ in values], [y for _, y in values], "o", alpha=0.7)
             ax.set_xscale("log" if p.scale == "log" else "linear")
         ax.set(xlabel=name, ylabel=result.metric)
     for ax in axes[panels:]:
