@@ -7,6 +7,7 @@ defined twice. Loading has no side effects: nothing is read from the environment
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import re
 from pathlib import Path
@@ -188,6 +189,11 @@ class TrainConfig(_Section):
 
     def resolved(self, text: str) -> str:
         return text.format(model=self.model)
+
+    def result_settings(self) -> dict:
+        """The settings that decide what training computes (not where it writes, nor how many threads it uses):
+        what a resumed run shares with its checkpoint, and a continued study with the run that started it."""
+        return self.model_dump(mode="json", exclude={"output", "checkpoint_dir", "threads"})
 
 
 # what a trial may not change: they name the study's model and where a trial writes
@@ -474,6 +480,11 @@ _SECRETS = frozenset(
     if SecretStr in (f.annotation, *get_args(f.annotation))
 )
 _STR_TAG, _NULL_TAG = "tag:yaml.org,2002:str", "tag:yaml.org,2002:null"
+
+
+def as_overrides(data: dict[str, dict[str, Any]]) -> list[str]:
+    """``section.key=<JSON>`` for each setting of ``data`` (a dump of a config): what ``--set`` reads back."""
+    return [f"{section}.{key}={json.dumps(value)}" for section, values in data.items() for key, value in values.items()]
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, text: str | None = None,

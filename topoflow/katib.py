@@ -33,14 +33,13 @@ long at most, then leaves the Experiment running and says so.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import shlex
 
 import yaml
 
 from topoflow import images, kube
-from topoflow.config import METRICS, Config, Parameter
+from topoflow.config import METRICS, Config, Parameter, TrainConfig, as_overrides
 from topoflow.errors import ConfigError, TopoflowError
 from topoflow.extras import require
 
@@ -184,10 +183,8 @@ def _command(cfg: Config) -> str:
     TensorFlow threads as the CPU limit's whole CPUs (TensorFlow would start one per core of the node), and each
     tuned setting from its trial parameter."""
     tc, tuned = cfg.train, set(cfg.tune.parameters)
-    data = cfg.public_dump(exclude_defaults=True, include={"storage", "train"})
-    skip = {"model", "output", "checkpoint_dir", *tuned}
-    settings = [f"{section}.{key}={json.dumps(value)}" for section, values in data.items()
-                for key, value in values.items() if not (section == "train" and key in skip)]
+    settings = as_overrides(cfg.public_dump(exclude_defaults=True, include={"storage": True, "train": {
+        n for n in TrainConfig.model_fields if n not in {"model", "output", "checkpoint_dir", *tuned}}}))
     if tc.threads is None and "threads" not in tuned:
         settings.append(f"train.threads={kube.whole_cpus(cfg.pipeline.train_cpu)}")
     args = ["topoflow", "train", "--model", tc.model, "--no-progress", "--output", f"{WORK}/model",

@@ -19,14 +19,13 @@ is read from the tail of its pod's log and raised with the failure.
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import signal
 import threading
 import uuid
 
 from topoflow import images, kube
-from topoflow.config import Config
+from topoflow.config import Config, as_overrides
 from topoflow.errors import ConfigError, TopoflowError
 
 SPARK_APPLICATION = kube.Resource("sparkoperator.k8s.io", "v1beta2", "sparkapplications", "SparkApplication",
@@ -134,8 +133,7 @@ def _settings(cfg: Config) -> list[str]:
     and the master pointed at the cluster."""
     data = cfg.public_dump(exclude_defaults=True, exclude={"pipeline": True})
     data.setdefault("spark", {})["master"] = IN_CLUSTER_MASTER
-    return [arg for section, values in data.items() for key, value in values.items()
-            for arg in ("--set", f"{section}.{key}={json.dumps(value)}")]
+    return [arg for setting in as_overrides(data) for arg in ("--set", setting)]
 
 
 def _wait(crd, namespace: str, name: str, timeout_s: float | None, poll_s: float, log) -> dict:

@@ -4,7 +4,8 @@ body (``components/``) calls exactly one of them, so the pipeline runs the very 
 
 On a cluster the Spark stages (ingest, prepare, predict) are launched as SparkApplications when
 ``pipeline.spark_launcher`` is ``kubernetes``; otherwise Spark runs in the step's own process. Tuning, when
-enabled, runs a Katib Experiment (``tune.backend`` katib) or trials on the step's Spark. After evaluation, :func:`choose` picks the model to serve and :func:`deploy` serves it with KServe.
+enabled, runs a Katib Experiment (``tune.backend`` katib) or trials on the step's Spark. After evaluation,
+:func:`choose` picks the model to serve and :func:`deploy` serves it with KServe.
 
 Storage (fsspec) is imported where it is used: the deploy step runs in the small launcher image, which has
 only the Kubernetes client.

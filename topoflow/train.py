@@ -156,19 +156,13 @@ def _checkpoint_state(ckpt: Path, tc: TrainConfig, resume: bool, restart: bool) 
             raise TopoflowError(f"a checkpoint of {_epochs(state['epoch'])} exists in {ckpt}\n"
                                 "continue it with --resume, or discard it and start afresh with --restart")
         return None
-    now = _resumable_settings(tc)
+    now = tc.result_settings()
     differ = [f"{k} (checkpoint: {v!r}, now: {now.get(k)!r})"
               for k, v in state.get("settings", {}).items() if now.get(k) != v]
     if differ:
         raise TopoflowError(f"cannot resume the checkpoint in {ckpt} with other settings: {'; '.join(differ)}\n"
                             "resume with the checkpoint's settings, or start afresh with --restart")
     return state
-
-
-def _resumable_settings(tc: TrainConfig) -> dict:
-    """The settings a resumed run must share with its checkpoint (where it exports and how many threads it
-    uses may change)."""
-    return tc.model_dump(mode="json", exclude={"output", "checkpoint_dir", "threads"})
 
 
 def _epochs(n: int) -> str:
@@ -212,7 +206,7 @@ class _Checkpoint(keras.callbacks.Callback):
 
     def __init__(self, folder: Path, history: dict, tc: TrainConfig):
         super().__init__()
-        self.folder, self.history, self.settings = folder, history, _resumable_settings(tc)
+        self.folder, self.history, self.settings = folder, history, tc.result_settings()
 
     def on_epoch_end(self, epoch, logs=None):
         for k, v in (logs or {}).items():

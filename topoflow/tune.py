@@ -101,8 +101,7 @@ def tune(cfg: Config, spark=None, log: Callable[[str], None] = print) -> TuneRes
             raise
     if study.stopped:
         log(f"stopped early: {study.stopped}")
-    study.save()
-    result = study.result()
+    result = study.save()
     if result.best is None:
         raise TopoflowError(f"no trial of study {name} completed; the errors are in {storage.join(output, 'trials.json')}"
                             "\nfix what they name, then run again (finished trials are kept)")
@@ -218,10 +217,9 @@ class Study:
 
     def _identity(self) -> dict:
         """What must not change when a study is continued: the space, the objective and the training."""
-        train = self.cfg.train.model_dump(mode="json", exclude={"output", "checkpoint_dir", "threads"})
-        return json.loads(json.dumps({"parameters": {n: p.model_dump(mode="json") for n, p in self.tc.parameters.items()},
-                                      "objective": self.tc.objective.goal + " " + self.tc.objective.metric,
-                                      "algorithm": self.tc.algorithm, "train": train}))
+        return {"parameters": {n: p.model_dump(mode="json") for n, p in self.tc.parameters.items()},
+                "objective": self.tc.objective.goal + " " + self.tc.objective.metric,
+                "algorithm": self.tc.algorithm, "train": self.cfg.train.result_settings()}
 
     def _check_same_study(self) -> None:
         mine, theirs = self._identity(), self.study.user_attrs.get("identity")
@@ -357,9 +355,9 @@ class Study:
                 "seconds": round(t.user_attrs.get("seconds", 0.0), 1), "params": params,
                 "metrics": t.user_attrs.get("metrics", {}), "curve": curve, "error": t.user_attrs.get("error")}
 
-    def save(self, plot: bool = True) -> None:
+    def save(self, plot: bool = True) -> TuneResult:
         """Publish the journal (remote studies) and rewrite the results, each file replaced whole; the plot
-        (half a second of the driver's CPU, which trials share) only when asked: at the end."""
+        (half a second of the driver's CPU, which trials share) only when asked: at the end. Returns them."""
         result = self.result()
         files = {"trials.json": json.dumps(result.rows, indent=1).encode(), "trials.parquet": _parquet(result)}
         if plot:
@@ -381,6 +379,7 @@ class Study:
                     self.fs.mv(target + ".tmp", target)
                 else:
                     self.fs.pipe(target, content)
+        return result
 
 
 def best_yaml(cfg: Config, result: TuneResult) -> str:
