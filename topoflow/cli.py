@@ -283,8 +283,14 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--data", metavar="URL", help="prepared dataset (train.data)")
     tr.add_argument("--output", metavar="URL", help="export folder (train.output)")
     tr.add_argument("--epochs", type=int, help="train.epochs")
+    tr.add_argument("--engine", choices=("keras", "multiworker", "bigdl"),
+                    help="keras: one process (CPU/GPUs); multiworker: TensorFlow workers; bigdl: BigDL on Spark "
+                    "(train.engine)")
+    tr.add_argument("--workers", type=int, metavar="N", help="multiworker: worker processes; bigdl: Spark cores "
+                    "(train.workers)")
     restart = tr.add_mutually_exclusive_group()
-    restart.add_argument("--resume", action="store_true", help="continue from the last checkpointed epoch")
+    restart.add_argument("--resume", nargs="?", const=True, choices=("auto",),
+                         help="continue from the last checkpointed epoch (--resume auto: if there is one)")
     restart.add_argument("--restart", action="store_true", help="discard the checkpoint and start afresh")
 
     tu = stage("tune", "search train settings: parallel trials on Spark, or a Katib Experiment", _TUNE_HELP,
@@ -479,7 +485,7 @@ _STAGE_OVERRIDES = {
     "ingest": _ingest_overrides,
     "prepare": lambda a: _flag_overrides("prepare", a, ("input", "output", "seed"))
     + (["prepare.from_original=true"] if a.from_original else []),
-    "train": lambda a: _flag_overrides("train", a, ("model", "data", "output", "epochs")),
+    "train": lambda a: _flag_overrides("train", a, ("model", "data", "output", "epochs", "engine", "workers")),
     "evaluate": lambda a: _flag_overrides("evaluate", a, ("models", "data", "output")),
     "tune": lambda a: _flag_overrides("train", a, ("model", "data"))
     + _flag_overrides("tune", a, ("name", "output", "trials", "parallelism", "backend")),

@@ -186,6 +186,15 @@ class TrainConfig(_Section):
     threads: int | None = Field(None, ge=1, description="CPU threads TensorFlow uses (None: every core it sees; "
                                 "set it to a pod's CPU limit)")
     seed: int = 42
+    engine: Literal["keras", "multiworker", "bigdl"] = Field(
+        "keras", description="keras: one process, CPU or GPU(s); multiworker: TensorFlow MultiWorkerMirroredStrategy "
+        "over `workers` processes (locally) or TFJob workers; bigdl: BigDL on Spark, in its own Python 3.9 "
+        "environment (make bigdl-env)")
+    workers: int = Field(2, ge=1, description="multiworker: worker processes (a TFJob's replicas on Kubernetes); "
+                         "bigdl: Spark cores locally, executors on Kubernetes. batch_size stays the global batch, "
+                         "so the same settings train the same model on any number of workers")
+    bigdl_python: str | None = Field(None, description="Python of the BigDL environment (default: the project's "
+                                     ".venv-bigdl, else topoflow-bigdl-python on PATH)")
 
     def resolved(self, text: str) -> str:
         return text.format(model=self.model)
@@ -193,11 +202,11 @@ class TrainConfig(_Section):
     def result_settings(self) -> dict:
         """The settings that decide what training computes (not where it writes, nor how many threads it uses):
         what a resumed run shares with its checkpoint, and a continued study with the run that started it."""
-        return self.model_dump(mode="json", exclude={"output", "checkpoint_dir", "threads"})
+        return self.model_dump(mode="json", exclude={"output", "checkpoint_dir", "threads", "workers", "bigdl_python"})
 
 
 # what a trial may not change: they name the study's model and where a trial writes
-_NOT_TUNABLE = ("model", "output", "checkpoint_dir")
+_NOT_TUNABLE = ("model", "output", "checkpoint_dir", "engine", "workers", "bigdl_python")
 METRICS = ("loss", "accuracy", "auc", "val_loss", "val_accuracy", "val_auc")  # what training reports per epoch
 
 
@@ -425,6 +434,8 @@ class PipelineConfig(_Section):
     train_cpu: str = Field("4", description="CPU request and limit of each training task")
     train_memory: str = Field("16Gi", description="memory request and limit of each training task")
     gpus: int = Field(1, ge=0, description="GPUs per training task (0: train on CPU)")
+    train_restarts: int = Field(3, ge=0, description="multiworker: restarts of a TFJob's workers (from their last "
+                                "checkpoint, kept on pvc) before the job fails")
     gpu_resource: str = Field("nvidia.com/gpu", description="the extended resource name of the GPUs")
     gpu_node_selector: dict[str, str] = Field(default_factory=lambda: {"nvidia.com/gpu.present": "true"},
                                               description="labels of the nodes training runs on when gpus > 0")

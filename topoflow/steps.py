@@ -107,14 +107,13 @@ def tune(text: str, prepared: str, model: str, log=print) -> str:
 def train(text: str, prepared: str, model: str, tuned: str = "") -> str:
     """Train ``model`` (with the settings :func:`tune` chose, when given); a retried pod that finds its
     checkpoint (on a volume) continues it."""
-    from topoflow.train import STATE, train as run
+    from topoflow.train import train as run
 
     cfg = load_config(text=text)
     cfg.train.data, cfg.train.model = prepared, model
     for name, value in json.loads(tuned or "{}").items():
         setattr(cfg.train, name, value)
-    state = Path(cfg.train.resolved(cfg.train.checkpoint_dir)) / STATE
-    return run(cfg, resume=state.exists(), show_progress=False).output
+    return run(cfg, resume="auto", show_progress=False).output
 
 
 def evaluate(text: str, prepared: str, models: dict[str, str], metrics=None, classification=None,

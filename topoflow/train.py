@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -21,10 +22,10 @@ from typing import Callable
 
 import numpy as np
 
-from topoflow import dataset, storage
+from topoflow import dataset, engines, storage
 from topoflow.config import Config, TrainConfig
 from topoflow.errors import TopoflowError
-from topoflow.models import INPUTS, build
+from topoflow.models import build
 from topoflow.preprocessing import Preprocessing
 from topoflow.tf import import_tensorflow
 
@@ -50,16 +51,23 @@ class TrainResult:
                 f"exported to {self.output}")
 
 
-def train(cfg: Config, resume: bool = False, restart: bool = False, show_progress: bool = True) -> TrainResult:
+def train(cfg: Config, resume: bool | str = False, restart: bool = False, show_progress: bool = True) -> TrainResult:
     """Train ``cfg.train.model`` on ``cfg.train.data`` and export it to ``cfg.train.output``.
-    ``resume`` continues the checkpoint in ``checkpoint_dir``; ``restart`` discards it."""
+    ``resume`` continues the checkpoint in ``checkpoint_dir`` ("auto": when there is one); ``restart``
+    discards it."""
     from topoflow.export import export
 
     tc = cfg.train
     output = tc.resolved(tc.output)
     storage.check_output(output, "train", cfg.storage, inputs=[tc.data])
+    if tc.engine == "multiworker":
+        from topoflow.engines import multiworker
+
+        if (launched := multiworker.launch(cfg, resume, restart, show_progress)) is not None:
+            return launched  # this process started the workers; the chief among them exported
     fitted = fit(cfg, resume, restart, show_progress)
-    export(fitted.model, output, cfg.storage, fitted.preprocessing, cfg, fitted.history)
+    if fitted.chief:
+        export(fitted.model, output, cfg.storage, fitted.preprocessing, cfg, fitted.history)
     return TrainResult(tc.model, output, fitted.epochs, fitted.history, fitted.samples_per_s)
 
 
@@ -69,22 +77,26 @@ class Fitted:
     preprocessing: Preprocessing
     history: dict[str, list[float]]  # metric -> value per epoch, resumed epochs included
     samples_per_s: float
+    chief: bool = True  # this process writes the checkpoint and the export (see topoflow.engines)
 
     @property
     def epochs(self) -> int:
         return len(self.history.get("loss", ()))
 
 
-def fit(cfg: Config, resume: bool = False, restart: bool = False, show_progress: bool = True,
+def fit(cfg: Config, resume: bool | str = False, restart: bool = False, show_progress: bool = True,
         on_epoch: Callable[[int, dict[str, float]], bool] | None = None) -> Fitted:
-    """The training itself, without export (what tuning trials run). ``on_epoch(epoch, metrics)`` is called
-    after each epoch is checkpointed; when it returns True, training stops there."""
+    """The training itself, without export (what tuning trials run), by the engine ``train.engine``
+    (:mod:`topoflow.engines`). ``on_epoch(epoch, metrics)`` is called after each epoch is checkpointed; when it
+    returns True, training stops there. ``resume="auto"`` continues a checkpoint when there is one (a restarted
+    pod), else starts afresh."""
     tc, sc = cfg.train, cfg.storage
     pre = Preprocessing.load(tc.data, sc)  # also checks that this is a prepared dataset
     validation = storage.join(tc.data, "validation")
     if not storage.expand(validation, sc, missing_ok=True):
         raise TopoflowError(f"no validation split in {tc.data!r} (prepared by an older topoflow)\n"
                             "re-run topoflow prepare on the ingested dataset")
+    engine = engines.load(tc.engine)
     _use_threads(tc.threads)
     ckpt = Path(tc.resolved(tc.checkpoint_dir))
     state = _checkpoint_state(ckpt, tc, resume, restart)
@@ -93,44 +105,54 @@ def fit(cfg: Config, resume: bool = False, restart: bool = False, show_progress:
         keras.mixed_precision.set_global_policy("mixed_float16")
     if not gpus:
         tf.config.experimental.enable_op_determinism()
-    strategy = tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
+    strategy = engine.strategy(tc)
+    chief = engine.is_chief()
 
     first_epoch = state["epoch"] if state else 0
     history = state["history"] if state else {}
-    inputs = INPUTS[tc.model]
-    common = dict(batch_size=tc.batch_size, inputs=inputs)
-    train_ds = dataset.tf_dataset(storage.join(tc.data, "train"), sc, shuffle=True, seed=tc.seed, bucket=tc.bucket,
-                                  first_epoch=first_epoch, **common)
-    val_ds = dataset.tf_dataset(validation, sc, **common)
-    if tc.threads:  # tf.data's own pool would start a thread per core as well
-        options = tf.data.Options()
-        options.threading.private_threadpool_size = tc.threads
-        train_ds, val_ds = train_ds.with_options(options), val_ds.with_options(options)
-    steps = min(int(train_ds.cardinality()), tc.steps_per_epoch or 1 << 62)
+    steps = min(-(-dataset.num_rows(storage.join(tc.data, "train"), sc) // tc.batch_size),
+                tc.steps_per_epoch or 1 << 62)
     with strategy.scope():
         if state:
             model = keras.saving.load_model(ckpt / state["model"])
         else:
-            shutil.rmtree(ckpt, ignore_errors=True)
-            ckpt.mkdir(parents=True)
+            if chief:
+                shutil.rmtree(ckpt, ignore_errors=True)
+                ckpt.mkdir(parents=True)
             keras.utils.set_random_seed(tc.seed)
             model = build(tc, total_steps=steps * tc.epochs)
     timer = _Timer()
-    bar = show_progress and sys.stdout.isatty()  # Keras' bar would fill log files with redraws
-    callbacks = [_EpochSeeds(tc.seed), timer, _Checkpoint(ckpt, history, tc), _MetricLines(after_bar=bar),
-                 keras.callbacks.TensorBoard(str(ckpt / "logs"))]
+    bar = chief and show_progress and sys.stdout.isatty()  # Keras' bar would fill log files with redraws
+    # a worker that is not the chief saves where the chief's files are not (a save may need every worker)
+    saves = ckpt if chief else Path(tempfile.mkdtemp(prefix="topoflow-worker-checkpoint-"))
+    callbacks = [_EpochSeeds(tc.seed), timer, _Checkpoint(saves, history, tc)]
+    if chief:
+        callbacks += [_MetricLines(after_bar=bar), keras.callbacks.TensorBoard(str(ckpt / "logs"))]
     if on_epoch:
         callbacks.append(_Hook(on_epoch))
+    measured = None
     if first_epoch < tc.epochs:
         try:
-            model.fit(train_ds, validation_data=val_ds, epochs=tc.epochs, initial_epoch=first_epoch,
-                      steps_per_epoch=tc.steps_per_epoch, shuffle=False, callbacks=callbacks,
-                      verbose=1 if bar else 0)
+            measured = engine.train(model, Run(cfg, first_epoch, steps, callbacks, bar))
         except KeyboardInterrupt:
             done = json.loads((ckpt / STATE).read_text())["epoch"] if (ckpt / STATE).exists() else 0
             raise TopoflowError(f"training interrupted; {_epochs(done)} checkpointed in {ckpt}\n"
                                 "continue with: topoflow train --resume (same settings)") from None
-    return Fitted(model, pre, history, timer.samples_per_s(tc.batch_size))
+        finally:
+            if not chief:
+                shutil.rmtree(saves, ignore_errors=True)
+    return Fitted(model, pre, history, measured or timer.samples_per_s(tc.batch_size), chief)
+
+
+@dataclass
+class Run:
+    """What an engine's ``train`` gets besides the model (see :mod:`topoflow.engines`)."""
+
+    cfg: Config
+    first_epoch: int
+    steps: int  # batches of the global batch per epoch
+    callbacks: list  # keras.callbacks.Callback
+    verbose: bool  # show Keras' progress bar
 
 
 def _use_threads(threads: int | None) -> None:
@@ -145,10 +167,12 @@ def _use_threads(threads: int | None) -> None:
         log.warning("train.threads=%d not applied: TensorFlow already runs in this process", threads)
 
 
-def _checkpoint_state(ckpt: Path, tc: TrainConfig, resume: bool, restart: bool) -> dict | None:
+def _checkpoint_state(ckpt: Path, tc: TrainConfig, resume: bool | str, restart: bool) -> dict | None:
     """The checkpoint to continue (``resume``), or None to start afresh; a checkpoint is never
     discarded silently, nor continued with other settings (the result would be neither run's)."""
     state = json.loads((ckpt / STATE).read_text()) if (ckpt / STATE).exists() else None
+    if resume == "auto":
+        resume = state is not None
     if resume and state is None:
         raise TopoflowError(f"nothing to resume: no checkpoint in {ckpt}\nrun without --resume to start afresh")
     if not resume:

@@ -1,0 +1,25 @@
+"""Training engines: interchangeable ways to run the epochs of :func:`topoflow.train.fit`.
+
+An engine is a module with three functions; everything else (the model, checkpoints, resuming, metric lines,
+the hook tuning uses, export) is :mod:`topoflow.train`'s and the same for every engine:
+
+- ``strategy(tc)``: the ``tf.distribute`` strategy the model is built (or loaded) in;
+- ``is_chief()``: whether this process writes the checkpoint, metric lines and export (one process does);
+- ``train(model, run)``: run epochs ``run.first_epoch`` to ``tc.epochs`` of ``run.steps`` batches, calling
+  ``run.callbacks`` (Keras callbacks; a custom loop wraps them in ``keras.callbacks.CallbackList`` and calls
+  epoch begin/end with the epoch's metrics, batch begin/end where it sees batches) and stopping when ``model.stop_training`` is set. Returns the training throughput
+  in samples/s when the engine measures it itself (else the batch callbacks' timing is used).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+ENGINES = ("keras", "multiworker", "bigdl")
+
+
+def load(name: str):
+    """The engine module called ``name`` (imported only when used: each brings its own dependencies)."""
+    if name not in ENGINES:
+        raise ValueError(f"unknown engine {name!r} (one of {', '.join(ENGINES)})")
+    return importlib.import_module(f"topoflow.engines.{name}")
