@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
@@ -100,6 +101,19 @@ def test_rerun_reproduces_and_seed_changes_the_split(spark, raw, prepared, tmp_p
     assert set(_rows(tmp_path / "again" / "test")) == set(_rows(out / "test"))
     prepare(_cfg(raw[1], tmp_path / "other", seed=7), spark, show_progress=False)
     assert set(_rows(tmp_path / "other" / "test")) != set(_rows(out / "test"))
+
+
+def test_the_split_does_not_depend_on_where_the_source_files_were(spark, raw, prepared, tmp_path):
+    """Ingestion records each event's source as the path or URL it read: the same files read from another
+    folder (another checkout, a copy on EOS) must split the same events the same way."""
+    table, _ = raw
+    names = table.column("source_file").to_pylist()
+    moved = table.set_column(table.schema.get_field_index("source_file"), "source_file",
+                             pa.array([f"root://eos.example//store/user/x/{n}" for n in names]))
+    prepare(_cfg(synthetic.write_dataset(moved, tmp_path / "moved"), tmp_path / "p"), spark, show_progress=False)
+    by_name = lambda rows: {(f.rsplit("/", 1)[-1], e) for f, e in rows}  # noqa: E731
+    for split in ("train", "validation", "test"):
+        assert by_name(_rows(tmp_path / "p" / split)) == by_name(_rows(prepared[1] / split))
 
 
 def test_an_event_keeps_its_split_when_the_dataset_grows(spark, tmp_path):

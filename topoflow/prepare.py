@@ -3,8 +3,9 @@ validation and test datasets, plus the fitted preprocessing artifact, published 
 
     <output>/train/   <output>/validation/   <output>/test/   <output>/preprocessing.json   <output>/_manifest.json
 
-Every random choice is a hash of the event's identity (source file, entry, HLF) and the seed, so
-that the same event always lands in the same split and a re-run gives the same datasets.
+Every random choice is a hash of the event's identity (source file name, entry, HLF) and the seed, so
+that the same event always lands in the same split and a re-run gives the same datasets, wherever the files
+are (the name, not the path or URL, enters the hash).
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def prepare(cfg: Config, spark=None, show_progress: bool = True) -> PrepareSumma
         _check_schema(df, pc.input, _ORIGINAL if pc.from_original else _INGESTED, pc.from_original)
         if pc.from_original:
             df = df.mapInArrow(_from_original, _spark_schema(spark))
-        key = F.xxhash64("source_file", "entry", "hlf", F.lit(pc.seed))
+        key = F.xxhash64(F.element_at(F.split("source_file", "/"), -1), "entry", "hlf", F.lit(pc.seed))
         counts = {CLASSES[r["label"]]: r["count"] for r in df.groupBy("label").count().collect()}
         empty = [c for c in CLASSES if not counts.get(c)]
         if empty:
