@@ -12,7 +12,7 @@ import signal
 import sys
 
 from topoflow import CLASSES, __version__
-from topoflow.config import Config, load_config
+from topoflow.config import Config, as_overrides, load_config
 from topoflow.errors import TopoflowError
 
 _EPILOG = """\
@@ -371,12 +371,12 @@ def _run_pipeline(config: Config, args) -> None:
 
 def _flag_overrides(section: str, args, names: tuple[str, ...]) -> list[str]:
     """``section.name=value`` for every flag given (values as JSON, which YAML reads back)."""
-    out = [f"{section}.{n}={json.dumps(getattr(args, n))}" for n in names if getattr(args, n, None) is not None]
+    given: dict[str, dict] = {section: {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}}
     if getattr(args, "master", None):
-        out.append(f"spark.master={json.dumps(args.master)}")
+        given["spark"] = {"master": args.master}
     if getattr(args, "overwrite", False):
-        out.append("storage.overwrite=true")
-    return out
+        given["storage"] = {"overwrite": True}
+    return as_overrides(given)
 
 
 def _ingest_overrides(args) -> list[str]:
