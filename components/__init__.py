@@ -66,7 +66,8 @@ def untuned(config: str) -> str:
 @dsl.component(base_image=images.TRAIN, install_kfp_package=False)
 def train(config: str, prepared: Input[Dataset], model_name: str, model: Output[Model], tuned: str = ""):
     """Train one classifier (hlf, gru or inclusive), with the tuned settings when given (JSON), and export it
-    for serving."""
+    for serving: here, or with train.engine multiworker or bigdl on the cluster as a TFJob or SparkApplication
+    that this task launches and waits for."""
     from topoflow import steps
 
     steps.record(model, steps.train(config, prepared.metadata["url"], model_name, tuned), config)

@@ -8,7 +8,8 @@ from kfp import dsl, kubernetes
 
 import components as c
 from topoflow.config import Config, PipelineConfig
-from topoflow.steps import config_text
+from topoflow.kube import XROOTD_MOUNT
+from topoflow.steps import LAUNCHED_ENGINES, config_text
 
 
 def build(cfg: Config):
@@ -34,7 +35,10 @@ def build(cfg: Config):
             # kfp.local resolves dsl.OneOf over parameters only: the branches choose the settings, not the models
             task = c.train(config=config, prepared=prepared.outputs["prepared"], model_name=name,
                            tuned=dsl.OneOf(tuned[name].output, untuned.output))
-            models[name] = _trainer(task, name, pc).outputs["model"]
+            if cfg.train.engine in LAUNCHED_ENGINES:  # it starts a TFJob or SparkApplication and waits
+                models[name] = _platform(task.set_display_name(f"train {name}"), pc).outputs["model"]
+            else:
+                models[name] = _trainer(task, name, pc).outputs["model"]
         evaluated = _platform(c.evaluate(config=config, prepared=prepared.outputs["prepared"], **models), pc,
                               pc.cpu, pc.train_memory)
         serve_if_chosen(config, evaluated, pc)
@@ -78,8 +82,8 @@ def _platform(task, pc: PipelineConfig, cpu: "str | None" = None, memory: "str |
         kubernetes.use_secret_as_env(task, secret_name=pc.s3_secret, secret_key_to_env={
             "access_key_id": "AWS_ACCESS_KEY_ID", "secret_access_key": "AWS_SECRET_ACCESS_KEY"})
     if pc.xrootd_secret:
-        kubernetes.use_secret_as_volume(task, secret_name=pc.xrootd_secret, mount_path="/etc/topoflow/xrootd")
-        task.set_env_variable("X509_USER_PROXY", "/etc/topoflow/xrootd/x509up")
+        kubernetes.use_secret_as_volume(task, secret_name=pc.xrootd_secret, mount_path=XROOTD_MOUNT)
+        task.set_env_variable("X509_USER_PROXY", f"{XROOTD_MOUNT}/x509up")
     if pc.pvc:
         kubernetes.mount_pvc(task, pvc_name=pc.pvc, mount_path=pc.pvc_mount)
     return task

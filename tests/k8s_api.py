@@ -24,6 +24,10 @@ injection label, and a change of anything but the trial counts, or a restart Kat
 "admission webhook ... denied the request", as Katib answers). Namespaces can be read
 (``GET /api/v1/namespaces/{name}``), with the labels of ``namespaces``.
 
+Each GET of a ``kubeflow.org/v1`` TFJob moves it one step along ``training`` (the training operator v1.9.0, see
+TFJOB_SCRIPTS and :func:`reconcile_tfjob`), which also keeps its worker pods: they are listed
+(``GET /api/v1/namespaces/{ns}/pods?labelSelector=…``, equality terms) and a failed worker's log is served.
+
 Every request is recorded in ``requests`` as (verb, name) so tests can see what the client did.
 """
 
@@ -41,10 +45,12 @@ from crds import CRDValidationError, validate
 
 KINDS = {"sparkapplications": ("sparkoperator.k8s.io", "v1beta2", "SparkApplication"),  # plural -> served as
          "inferenceservices": ("serving.kserve.io", "v1beta1", "InferenceService"),
-         "experiments": ("kubeflow.org", "v1beta1", "Experiment")}
+         "experiments": ("kubeflow.org", "v1beta1", "Experiment"),
+         "tfjobs": ("kubeflow.org", "v1", "TFJob")}
 RESOURCE = re.compile(r"/apis/([^/]+)/([^/]+)/namespaces/([^/]+)/([^/]+)(?:/([^/]+))?")
 POD_LOG = re.compile(r"/api/v1/namespaces/([^/]+)/pods/([^/]+)/log")
 NAMESPACE = re.compile(r"/api/v1/namespaces/([^/]+)")
+PODS = re.compile(r"/api/v1/namespaces/([^/]+)/pods")
 DRIVER_CONTAINER = "spark-kubernetes-driver"  # the name Spark gives the driver pod's container
 # What the operator (v2.5.2) writes into .status.applicationState.errorMessage
 DRIVER_ERROR = "driver container failed with ExitCode: 2, Reason: Error"
@@ -143,6 +149,26 @@ OBSERVED = {"loss": ("0.2417", "0.2401", "0.8112"), "accuracy": ("0.9013", "0.51
             "val_accuracy": ("0.8891", "0.5533", "0.8925"), "val_auc": ("0.9671", "0.7208", "0.9703")}
 
 
+# The training operator (v1.9.0), one reconcile per GET from the creation: "" leaves the status as it was, then the
+# transitions of reconcile_tfjob
+TFJOB_SCRIPTS = {
+    "completes": ["", "created", "running", "succeeded"],
+    "fails": ["", "created", "running", "failed"],  # worker 1 exits 2 (topoflow's error): not retried
+    "restarts": ["", "created", "running", "restarting", "running", "succeeded"],  # worker 1 evicted (exit 143)
+    "keeps_restarting": ["", "created", "running", *["restarting", "running"] * 5],
+    "runs_forever": ["", "created", "running"],
+}
+TF_CONTAINER = "tensorflow"
+WORKER_ERROR = ("error: no validation split in 's3://topoflow-data/prepared' (prepared by an older topoflow)\n"
+                "re-run topoflow prepare on the ingested dataset")
+WORKER_LOG = "".join([  # TensorFlow's start-up logging, then topoflow's error block
+    "2026-01-12 10:14:41.123456: I tensorflow/core/util/port.cc:153] oneDNN custom operations are on.\n",
+    *(f"2026-01-12 10:14:4{i % 10}.0: I tensorflow/core/distributed_runtime/rpc/grpc_server_lib.cc:467] Started "
+      f"server with target: grpc://topoflow-x-worker-1.topoflow.svc:2222 ({i})\n" for i in range(240)),
+    WORKER_ERROR, "\n",
+])
+
+
 class StandInAPI:
     """The server and its state; ``host`` is what ``kubernetes.client.Configuration`` needs."""
 
@@ -151,6 +177,8 @@ class StandInAPI:
         self.play(scenario)
         self.serving = ISVC_SCRIPTS["becomes_ready"]
         self.study = EXPERIMENT_SCRIPTS["succeeds"]
+        self.training = TFJOB_SCRIPTS["completes"]
+        self.pods: dict[tuple[str, str], dict] = {}  # (namespace, name) -> the TFJobs' worker pods
         self.namespaces = {"topoflow": {INJECTION_LABEL: "enabled"}}  # name -> labels of the namespaces that exist
         self.forbidden: set[str] = set()  # verbs on custom resources answered with 403, "pods/log", "namespaces"
         self.interfere = 0  # how many updates find the object changed by the controller since it was read (409)
@@ -183,6 +211,13 @@ class StandInAPI:
         """Play ``scenario`` of EXPERIMENT_SCRIPTS: the steps Experiments take from their next reconcile on."""
         self.study = EXPERIMENT_SCRIPTS[scenario]
 
+    def play_tfjob(self, scenario: str) -> None:
+        """Play ``scenario`` of TFJOB_SCRIPTS: the steps TFJobs take from their next reconcile on."""
+        self.training = TFJOB_SCRIPTS[scenario]
+
+    def tfjobs(self) -> list[dict]:
+        return [o for (plural, *_), o in self.objects.items() if plural == "tfjobs"]
+
     def experiments(self) -> list[dict]:
         return [o for (plural, *_), o in self.objects.items() if plural == "experiments"]
 
@@ -204,6 +239,10 @@ class StandInAPI:
             with self.lock:
                 self.requests.append(("log", log[2]))
                 return self._log(*log.groups(), query or {})
+        if method == "GET" and (pods := PODS.fullmatch(path)):
+            with self.lock:
+                self.requests.append(("list", "pods"))
+                return self._pods(pods[1], (query or {}).get("labelSelector", ""))
         if method == "GET" and (ns := NAMESPACE.fullmatch(path)):
             with self.lock:
                 self.requests.append(("namespace", ns[1]))
@@ -226,6 +265,8 @@ class StandInAPI:
             if key not in self.objects:
                 return _status(404, "NotFound", f'{plural}.{group} "{name}" not found', name, plural, group)
             if verb == "delete":
+                self.pods = {k: p for k, p in self.pods.items()  # owner references take the pods along
+                             if p["metadata"]["labels"].get(TFJOB_LABEL) != name or k[0] != namespace}
                 return 200, self.objects.pop(key)
             if verb == "update":
                 return self._update(key, body)
@@ -301,8 +342,14 @@ class StandInAPI:
         """The operator's next reconcile: one step along its script, staying at the last state."""
         plural, _, name = key
         obj = self.objects[key]
-        script = {"sparkapplications": self.script, "inferenceservices": self.serving}.get(plural, self.study)
+        script = {"sparkapplications": self.script, "inferenceservices": self.serving,
+                  "tfjobs": self.training}.get(plural, self.study)
         step = self.steps[key] = min(self.steps[key] + 1, len(script) - 1)
+        if plural == "tfjobs":
+            if script[step]:
+                reconcile_tfjob(obj, script[step], self.pods)
+                self._touch(obj)
+            return
         if plural == "experiments":
             if script[step]:
                 reconcile_experiment(obj, script[step])
@@ -332,12 +379,27 @@ class StandInAPI:
         self.log_queries.append(query)
         if "pods/log" in self.forbidden:
             return self._forbidden("get", "pods/log", "", namespace, pod)
+        if (namespace, pod) in self.pods:  # a TFJob's worker: only a failed one printed something
+            if query.get("container", TF_CONTAINER) != TF_CONTAINER:
+                return _status(400, "BadRequest", f"container {query['container']} is not valid for pod {pod}")
+            failed = self.pods[(namespace, pod)]["status"]["phase"] == "Failed"
+            lines = WORKER_LOG.splitlines(keepends=True) if failed else []
+            return 200, "".join(lines[-int(query["tailLines"]):] if "tailLines" in query else lines)
         if self.driver_log is None or ("sparkapplications", namespace, pod.removesuffix("-driver")) not in self.objects:
             return _status(404, "NotFound", f'pods "{pod}" not found', pod, "pods", "")
         if query.get("container", DRIVER_CONTAINER) != DRIVER_CONTAINER:
             return _status(400, "BadRequest", f"container {query['container']} is not valid for pod {pod}")
         lines = self.driver_log.splitlines(keepends=True)
         return 200, "".join(lines[-int(query["tailLines"]):] if "tailLines" in query else lines)
+
+    def _pods(self, namespace: str, selector: str) -> tuple[int, dict]:
+        """The pods whose labels match every ``key=value`` term of ``selector``."""
+        if "pods" in self.forbidden:
+            return self._forbidden("list", "pods", "", namespace, None)
+        terms = dict(t.split("=", 1) for t in selector.split(",") if t)
+        items = [p for (ns, _), p in sorted(self.pods.items())
+                 if ns == namespace and all(p["metadata"]["labels"].get(k) == v for k, v in terms.items())]
+        return 200, {"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "1"}, "items": items}
 
     def _namespace(self, name: str) -> tuple[int, dict]:
         """A Namespace (cluster-scoped: a namespaced Role cannot grant reading it)."""
@@ -524,6 +586,83 @@ def reconcile_experiment(obj: dict, state: str) -> None:
         failed = spec["maxFailedTrialCount"]
         _trials(status, spec, succeeded=names[:1], failed=names[1:failed], metricsUnavailable=names[failed:failed + 1])
         end("Failed", "ExperimentFailed", "Experiment has failed because max failed count has reached")
+
+
+TFJOB_LABEL, TYPE_LABEL, INDEX_LABEL = ("training.kubeflow.org/job-name", "training.kubeflow.org/replica-type",
+                                       "training.kubeflow.org/replica-index")  # what the operator puts on its pods
+
+
+def reconcile_tfjob(obj: dict, state: str, pods: dict[tuple[str, str], dict]) -> None:
+    """One reconcile of the training operator (v1.9.0: ``controller.v1/tensorflow/tfjob_controller.go``
+    UpdateJobStatus, ``controller.v1/common/pod.go``, conditions set as ``pkg/util/status.go`` sets them) moving a
+    Worker-only TFJob to ``state``, and its worker pods (``pods``) with it:
+
+    - created: Created (the creation event's reason and message);
+    - running: every worker runs; Running replaces Restarting;
+    - restarting: worker 1 was evicted (exit 143, retryable under ExitCode): its pod is recreated, Restarting
+      replaces Running;
+    - succeeded: every worker exited 0 (worker 0 decides); Running turns False, Succeeded;
+    - failed: worker 1 exited 2 (not retryable under ExitCode); Running turns False, Failed with pod.go's message.
+
+    Once Failed, no condition changes (setCondition)."""
+    meta, spec, now = obj["metadata"], obj["spec"], _now()
+    name, namespace = meta["name"], meta["namespace"]
+    status = obj.setdefault("status", {})
+    conditions = status.setdefault("conditions", [])
+    if any(c["type"] == "Failed" and c["status"] == "True" for c in conditions):
+        return
+
+    def mark(kind: str, reason: str, message: str) -> None:  # setCondition and filterOutCondition
+        old = next((c for c in conditions if c["type"] == kind), None)
+        if old and (old["status"], old["reason"]) == ("True", reason):
+            return
+        kept = []
+        for c in conditions:
+            if c["type"] == kind or {kind, c["type"]} == {"Running", "Restarting"}:
+                continue
+            if kind in ("Succeeded", "Failed") and c["type"] == "Running":
+                c = {**c, "status": "False"}
+            kept.append(c)
+        conditions[:] = [*kept, {"type": kind, "status": "True", "reason": reason, "message": message,
+                                 "lastUpdateTime": now, "lastTransitionTime": now}]
+
+    workers = spec["tfReplicaSpecs"]["Worker"]["replicas"]
+    phases = {"created": "Pending", "running": "Running", "restarting": "Running", "succeeded": "Succeeded",
+              "failed": "Running"}
+    for i in range(workers):
+        phase, code = phases[state], 0
+        if state == "failed" and i == min(1, workers - 1):
+            phase, code = "Failed", 2
+        pod = f"{name}-worker-{i}"
+        terminated = {"terminated": {"exitCode": code, "reason": "Completed" if code == 0 else "Error"}}
+        pods[(namespace, pod)] = {
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": pod, "namespace": namespace, "labels": {
+                **spec["tfReplicaSpecs"]["Worker"]["template"]["metadata"].get("labels", {}), TFJOB_LABEL: name,
+                TYPE_LABEL: "worker", INDEX_LABEL: str(i)}},
+            "status": {"phase": phase, "containerStatuses": [{
+                "name": TF_CONTAINER, "ready": phase == "Running", "restartCount": 0, "image": "topoflow-train",
+                "imageID": "", "state": terminated if phase in ("Succeeded", "Failed") else {"running": {}}}]}}
+    count = {"Running": "active", "Succeeded": "succeeded", "Failed": "failed"}  # core/status.go: Pending is none
+    replicas: dict[str, int] = {}
+    for (ns, _), p in pods.items():
+        if ns == namespace and p["metadata"]["labels"][TFJOB_LABEL] == name and p["status"]["phase"] in count:
+            replicas[count[p["status"]["phase"]]] = replicas.get(count[p["status"]["phase"]], 0) + 1
+    status["replicaStatuses"] = {"Worker": {**replicas, "selector": f"{TFJOB_LABEL}={name},{TYPE_LABEL}=worker"}}
+    status.setdefault("startTime", now)
+    status["lastReconcileTime"] = now
+    if state == "created":
+        mark("Created", "TFJobCreated", f"TFJob {name} is created.")
+    elif state == "running":
+        mark("Running", "TFJobRunning", f"TFJob {namespace}/{name} is running.")
+    elif state == "restarting":
+        mark("Restarting", "TFJobRestarting", f"job {name} is restarting because Worker replica(s) failed.")
+    elif state == "succeeded":
+        status.setdefault("completionTime", now)
+        mark("Succeeded", "TFJobSucceeded", f"TFJob {namespace}/{name} successfully completed.")
+    else:
+        status.setdefault("completionTime", now)
+        mark("Failed", "TFJobFailed", f'job "{name}" is failing because "Worker" replica(s) failed.')
 
 
 def _trials(status: dict, spec: dict, **lists: list[str]) -> None:

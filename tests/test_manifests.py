@@ -24,13 +24,20 @@ from crds import CRDValidationError, validate
 
 REPO = Path(__file__).resolve().parents[1]
 SCAN_BIN = Path(os.environ.get("TOPOFLOW_SCAN_BIN", REPO / ".venv-scan" / "bin"))
-KUSTOMIZATIONS = ["base", "overlays/dev", "overlays/gpu", "overlays/triton", "overlays/tune"]
+KUSTOMIZATIONS = ["base", "overlays/dev", "overlays/gpu", "overlays/triton", "overlays/tune", "overlays/bigdl"]
 # what the tune overlay's Experiment is made from (k8s/overlays/tune/experiment-hlf.yaml says so)
 TUNE_OVERRIDES = ["train.model=hlf", "pipeline.gpus=0"]
+# what the gpu overlay's TFJob and the bigdl overlay's SparkApplication are made from (their headers say so)
+GPU_OVERRIDES = ["train.engine=multiworker", "pipeline.gpus=1", "pipeline.train_cpu='8'", "pipeline.train_memory=32Gi",
+                 "pipeline.pvc=topoflow-checkpoints"]
+BIGDL_OVERRIDES = ["train.engine=bigdl", "train.workers=4"]
+# what each overlay adds to the base's objects (kind -> count); both training overlays replace the base's Job
+ADDED = {"overlays/tune": {"Experiment": 1}, "overlays/gpu": {"Job": -1, "TFJob": 1, "PersistentVolumeClaim": 1},
+         "overlays/bigdl": {"Job": -1, "SparkApplication": 1}}
 DOCKERFILES = sorted(p.parent.name for p in (REPO / "images").glob("*/Dockerfile"))
 # image -> the extras it installs: its tier, and kfp (pipeline) for the components that run in it
 TIER_EXTRAS = {"spark": {"spark", "generate", "pipeline"}, "train": {"train", "pipeline"}, "base": {"pipeline"},
-               "serve": {"serve"}}
+               "serve": {"serve"}, "bigdl": {"train"}}
 KUBERNETES_VERSION = "1.32.0"  # the oldest API we validate against
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 VERSION = PYPROJECT["project"]["version"]
@@ -74,7 +81,8 @@ def pods(rendered, name) -> list[tuple[str, dict, dict, dict]]:
     """(where, pod-level security context, container, pod labels) of every pod an object makes;
     SparkApplication pods are shown as the operator makes them (spark-role label, container), an
     InferenceService's predictor by its serving container (its own, or the runtime's `model`, no image),
-    a Katib Experiment's trial pod with the trial label Katib's webhook adds."""
+    a Katib Experiment's trial pod with the trial label Katib's webhook adds, a TFJob's worker pod with the labels
+    the training operator adds."""
     out = []
     for o in objects(rendered, name):
         where = f"{o['kind']}/{o['metadata']['name']}"
@@ -93,6 +101,12 @@ def pods(rendered, name) -> list[tuple[str, dict, dict, dict]]:
             p = o["spec"]["predictor"]
             for c in p.get("containers") or [{**p["model"], "image": None}]:
                 out.append((f"{where}.predictor", p["securityContext"], c, p["labels"]))
+        elif o["kind"] == "TFJob":
+            template = o["spec"]["tfReplicaSpecs"]["Worker"]["template"]
+            labels = {**template["metadata"]["labels"], "training.kubeflow.org/job-name": o["metadata"]["name"],
+                      "training.kubeflow.org/replica-type": "worker", "training.kubeflow.org/replica-index": "0"}
+            for c in template["spec"]["containers"]:
+                out.append((f"{where}.worker", template["spec"]["securityContext"], c, labels))
         elif o["kind"] == "Experiment":
             template = o["spec"]["trialTemplate"]["trialSpec"]["spec"]["template"]
             labels = {**template["metadata"]["labels"], "katib.kubeflow.org/trial": f"{o['metadata']['name']}-x"}
@@ -147,7 +161,14 @@ def test_crds_int_or_string_and_katib_openapi():
 # ---- rendering and validation -----------------------------------------------------------------
 
 EXPECTED = {"Namespace": 1, "ServiceAccount": 5, "Role": 2, "RoleBinding": 2, "ConfigMap": 1,
-            "NetworkPolicy": 8, "SparkApplication": 3, "Job": 1, "InferenceService": 1}
+            "NetworkPolicy": 9, "SparkApplication": 3, "Job": 1, "InferenceService": 1}
+
+
+def expected(name: str) -> dict[str, int]:
+    counts = dict(EXPECTED)
+    for kind, n in ADDED.get(name, {}).items():
+        counts[kind] = counts.get(kind, 0) + n
+    return {k: n for k, n in counts.items() if n}
 
 
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
@@ -155,7 +176,7 @@ def test_renders_the_expected_objects(rendered, name):
     kinds = {}
     for o in objects(rendered, name):
         kinds[o["kind"]] = kinds.get(o["kind"], 0) + 1
-    assert kinds == EXPECTED | ({"Experiment": 1} if name == "overlays/tune" else {})  # only tune starts a study
+    assert kinds == expected(name)  # only tune starts a study, only gpu a TFJob, only bigdl a BigDL training
 
 
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
@@ -169,8 +190,9 @@ def test_every_object_validates_strictly(rendered, name):
         except kubernetes_validate.SchemaNotFoundError:  # not a core kind: a custom resource
             validate(o)
             custom.append(o["kind"])
-    assert sorted(custom) == [*(["Experiment"] if name == "overlays/tune" else []), "InferenceService",
-                              *["SparkApplication"] * 3]
+    kinds = expected(name)
+    assert sorted(custom) == sorted(k for k in ("Experiment", "InferenceService", "SparkApplication", "TFJob")
+                                    for _ in range(kinds.get(k, 0)))
 
 
 def test_core_validation_is_strict(rendered):
@@ -210,7 +232,8 @@ def test_pipeline_role_is_exactly_what_the_runner_needs(rendered):
     logs = {("", r, v) for r in ("pods", "pods/log") for v in ("get", "list")}
     serving = {("serving.kserve.io", "inferenceservices", v) for v in ("create", "get", "update")}  # topoflow.deploy
     tuning = {("kubeflow.org", "experiments", v) for v in ("create", "get", "update")}  # topoflow.katib
-    assert rules(rendered, "topoflow-pipeline") == apps | logs | serving | tuning
+    training = {("kubeflow.org", "tfjobs", v) for v in ("create", "get", "delete")}  # topoflow.tfjob
+    assert rules(rendered, "topoflow-pipeline") == apps | logs | serving | tuning | training
 
 
 def test_spark_driver_role_manages_executors_only(rendered):
@@ -242,8 +265,9 @@ def test_bindings_and_tokens(rendered):
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
 def test_pods_are_locked_down(rendered, name):
     found = pods(rendered, name)
-    # three drivers, three executor templates, one training pod, the predictor (and the tune overlay's trial pod)
-    assert len(found) == 8 + (name == "overlays/tune")
+    # three drivers, three executor templates, one training pod, the predictor (and the tune overlay's trial pod, the
+    # gpu overlay's worker instead of the Job, the bigdl overlay's driver and executors instead of it)
+    assert len(found) == 8 + {"overlays/tune": 1, "overlays/bigdl": 1}.get(name, 0)
     for where, pod, c, _ in found:
         sc = c["securityContext"]
         uid = 1000 if c.get("runtime") == "kserve-tritonserver" else UID  # the user KServe's runtime runs Triton as
@@ -266,13 +290,14 @@ def test_requests_and_limits_everywhere(rendered, name):
     for app in objects(rendered, name, "SparkApplication"):
         for role in ("driver", "executor"):  # Spark sets memory request = limit = memory + overhead
             s = app["spec"][role]
-            assert s["cores"] and s["coreRequest"] and s["coreLimit"] and s["memory"] and s["memoryOverhead"]
+            assert s["cores"] and s["coreRequest"] and s["coreLimit"] and s["memory"]
     for job in objects(rendered, name, "Job"):
         for c in job["spec"]["template"]["spec"]["containers"]:
             for which in ("requests", "limits"):
                 assert {"cpu", "memory"} <= set(c["resources"][which]), f"{c['name']}: {which}"
     for where, _, c, _ in pods(rendered, name):
-        if where.startswith(("InferenceService/", "Experiment/")):  # a guaranteed pod: Knative's concurrency target per replica holds
+        # guaranteed pods: Knative's concurrency target per replica holds; trials and workers run alike
+        if where.startswith(("InferenceService/", "Experiment/", "TFJob/")):
             assert c["resources"]["requests"] == c["resources"]["limits"] and {"cpu", "memory"} <= set(
                 c["resources"]["limits"]), where
 
@@ -281,7 +306,8 @@ def test_gpu_only_in_the_gpu_overlay(rendered):
     def train(name):
         return one(rendered, name, "Job", "topoflow-train-inclusive")["spec"]["template"]["spec"]
 
-    gpu = train("overlays/gpu")
+    gpu = one(rendered, "overlays/gpu", "TFJob", "topoflow-inclusive")["spec"]["tfReplicaSpecs"]["Worker"]["template"][
+        "spec"]
     limits = gpu["containers"][0]["resources"]["limits"]
     assert limits["nvidia.com/gpu"] == gpu["containers"][0]["resources"]["requests"]["nvidia.com/gpu"] == "1"
     assert gpu["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
@@ -356,6 +382,50 @@ def test_the_experiment_is_what_topoflow_katib_builds(rendered):
     kubernetes_validate.validate(job, KUBERNETES_VERSION, strict=True)  # Katib turns it into a batch/v1 Job
 
 
+def _yaml(obj: dict) -> str:
+    """YAML to paste into a manifest: no anchors or aliases."""
+    class NoAliases(yaml.SafeDumper):
+        def ignore_aliases(self, data):
+            return True
+
+    return yaml.dump(obj, Dumper=NoAliases, sort_keys=False, width=120)
+
+
+def test_the_tfjob_is_what_topoflow_tfjob_builds(rendered):
+    """kubectl apply -k overlays/gpu and the pipeline's multiworker train step start the same training (the cluster
+    config, GPU_OVERRIDES); only the gpu overlay starts one."""
+    from topoflow import tfjob
+    from topoflow.config import load_config
+
+    manifest = one(rendered, "overlays/gpu", "TFJob", "topoflow-inclusive")
+    built = tfjob.tfjob(load_config(REPO / "k8s" / "base" / "topoflow.yaml", overrides=GPU_OVERRIDES),
+                        namespace="topoflow")
+    assert manifest == built, "k8s/overlays/gpu/tfjob-inclusive.yaml differs from what tfjob.tfjob builds; below " \
+        "its header, put:\n" + _yaml(built)
+    spec = manifest["spec"]["tfReplicaSpecs"]["Worker"]["template"]["spec"]
+    claim = one(rendered, "overlays/gpu", "PersistentVolumeClaim", "topoflow-checkpoints")
+    assert {"persistentVolumeClaim": {"claimName": claim["metadata"]["name"]}, "name": "data"} in spec["volumes"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # every worker reads the chief's checkpoint
+    assert [n for n in KUSTOMIZATIONS if objects(rendered, n, "TFJob")] == ["overlays/gpu"]
+
+
+def test_the_bigdl_application_is_what_sparkapp_builds(rendered):
+    """kubectl apply -k overlays/bigdl and the pipeline's bigdl train step run the same BigDL training."""
+    from topoflow import sparkapp
+    from topoflow.config import load_config
+
+    manifest = one(rendered, "overlays/bigdl", "SparkApplication", "topoflow-train-bigdl")
+    built = sparkapp.spark_application(
+        "train", load_config(REPO / "k8s" / "base" / "topoflow.yaml", overrides=BIGDL_OVERRIDES),
+        name="topoflow-train-bigdl", namespace="topoflow", image=sparkapp.BIGDL_IMAGE,
+        service_account="topoflow-spark", secret="topoflow-s3")
+    assert manifest == built, "k8s/overlays/bigdl/spark-train-bigdl.yaml differs from what " \
+        "sparkapp.spark_application builds; below its header, put:\n" + _yaml(built)
+    ports = {manifest["spec"]["sparkConf"][k] for k in ("spark.driver.port", "spark.blockManager.port")}
+    policy = one(rendered, "base", "NetworkPolicy", "allow-spark-driver-executor")["spec"]
+    assert ports == {str(p["port"]) for p in policy["ingress"][0]["ports"]}
+
+
 def katib_job(experiment: dict) -> dict:
     """The trial Job as Katib creates it: named after the trial, the template's placeholders filled."""
     job = json.loads(re.sub(r"\$\{trialParameters\.\w+\}", "1", json.dumps(experiment["spec"]["trialTemplate"]
@@ -389,10 +459,14 @@ def test_each_stage_applies_alone_on_the_platform(rendered):
     platform = {(o["kind"], o["metadata"]["name"]) for o in everything
                 if o["metadata"]["labels"]["app.kubernetes.io/component"] == "platform"}
     everything += [o for o in objects(rendered, "overlays/tune") if o["kind"] == "Experiment"]
+    trainings = [o for n in ("overlays/gpu", "overlays/bigdl") for o in objects(rendered, n)  # the TFJob, BigDL's
+                 if o["kind"] in ("TFJob", "SparkApplication") and o["metadata"]["labels"]["app.kubernetes.io/component"]
+                 == "train"]
     for stage in ("ingest", "prepare", "predict", "train", "serve", "tune"):
         chosen = [o for o in everything if o["metadata"]["labels"]["app.kubernetes.io/component"] == stage]
         assert len(chosen) == 1, stage
-        text = json.dumps(chosen[0])
+        chosen = chosen + trainings if stage == "train" else chosen
+        text = json.dumps(chosen)
         accounts = re.findall(r'"serviceAccount(?:Name)?": "([^"]+)"', text)
         maps = re.findall(r'"configMap": \{"name": "([^"]+)"', text)
         # the predictor and the trials read no config: their arguments say it all
@@ -417,7 +491,8 @@ def test_network_policies_deny_by_default_and_allow_what_each_pod_needs(rendered
     suggestion = ("Suggestion/hlf", None, None, {"katib.kubeflow.org/suggestion": "hlf",
                                                  "katib.kubeflow.org/experiment": "hlf",
                                                  "deployment": "hlf-tpe", "sidecar.istio.io/inject": "false"})
-    for where, _, _, labels in [*pods(rendered, "overlays/tune"), suggestion]:
+    overlays = [p for n in ("overlays/tune", "overlays/gpu", "overlays/bigdl") for p in pods(rendered, n)]
+    for where, _, _, labels in [*overlays, suggestion]:
         applied = {n for n, p in policies.items() if selects(p["podSelector"], labels)}
         need = {"default-deny", "allow-dns", "allow-storage-egress"}
         if labels.get("spark-role"):
@@ -430,6 +505,8 @@ def test_network_policies_deny_by_default_and_allow_what_each_pod_needs(rendered
             need.add("allow-katib-trial")
         if where.startswith("Suggestion/"):
             need.add("allow-katib-suggestion")
+        if where.startswith("TFJob/"):
+            need.add("allow-tfjob-workers")
         assert applied == need, where
     dns = policies["allow-dns"]["egress"][0]
     assert {(p["protocol"], p["port"]) for p in dns["ports"]} == {("UDP", 53), ("TCP", 53)}
@@ -461,15 +538,26 @@ def test_network_policies_deny_by_default_and_allow_what_each_pod_needs(rendered
                                                    (None, trials, 6788)}
     assert {db, (None, "null", 443), (None, "null", 6443)} == peers(suggestion["egress"], "to")
 
+    # a TFJob's workers reach each other's TensorFlow server on the port of TF_CONFIG, nothing else
+    from topoflow import tfjob
+
+    workers = policies["allow-tfjob-workers"]
+    selector = json.dumps(workers["podSelector"], sort_keys=True)
+    assert peers(workers["ingress"], "from") == peers(workers["egress"], "to") == {
+        (None, selector, tfjob.PORT["containerPort"])}
+
 
 def test_images_carry_the_package_version(rendered):
     from topoflow import images
 
     kustomization = yaml.safe_load((REPO / "k8s" / "base" / "kustomization.yaml").read_text())
     assert {i["newTag"] for i in kustomization["images"]} == {VERSION}
+    from topoflow.sparkapp import BIGDL_IMAGE
+
     for name in KUSTOMIZATIONS:
         used = {c["image"] for _, _, c, _ in pods(rendered, name)} - {None}  # None: Triton's runtime image
-        assert used == {images.SPARK, images.TRAIN} | ({images.SERVE} if name != "overlays/triton" else set()), used
+        assert used == {images.SPARK, BIGDL_IMAGE if name == "overlays/bigdl" else images.TRAIN} | (
+            {images.SERVE} if name != "overlays/triton" else set()), used
     for tier in DOCKERFILES:
         text = (REPO / "images" / tier / "Dockerfile").read_text()
         assert f"ARG TOPOFLOW_VERSION={VERSION}\n" in text, tier

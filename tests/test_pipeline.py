@@ -129,6 +129,45 @@ def test_cpu_only_pipeline_asks_for_no_gpu(tmp_path):
     assert sorted(spec["root"]["dag"]["tasks"]["evaluate"]["inputs"]["artifacts"]) == ["hlf", "prepared"]
 
 
+@pytest.mark.parametrize("engine", ["multiworker", "bigdl"])
+def test_a_launching_train_task_is_small(tmp_path, engine):
+    """With a distributed engine the train task only launches a TFJob or SparkApplication and waits: the pipeline's
+    task sizes, no GPU, no GPU node; the keys still (it reads the export's manifest)."""
+    cfg = Config()
+    cfg.train.engine, cfg.pipeline.models = engine, ["hlf"]
+    spec, platform = _compiled(cfg, tmp_path)
+    res = spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]
+    assert "accelerator" not in res and res["resourceCpuLimit"] == cfg.pipeline.cpu
+    assert res["resourceMemoryLimit"] == cfg.pipeline.memory
+    assert "nodeSelector" not in platform["exec-train"] and "tolerations" not in platform["exec-train"]
+    assert platform["exec-train"]["secretAsEnv"][0]["secretName"] == "topoflow-s3"
+
+
+@pytest.mark.parametrize("engine, in_cluster, launched", [
+    ("multiworker", True, "tfjob"), ("bigdl", True, "sparkapp"), ("keras", True, "local"),
+    ("multiworker", False, "local"), ("bigdl", False, "local")])
+def test_the_train_step_launches_distributed_engines_only_in_the_cluster(monkeypatch, engine, in_cluster, launched):
+    from topoflow import sparkapp, steps, tfjob
+    from topoflow import train as training
+
+    calls = []
+    monkeypatch.setattr(steps.kube, "in_cluster", lambda: in_cluster)
+    monkeypatch.setattr(tfjob, "run", lambda cfg, namespace, log: calls.append(("tfjob", cfg)) or "s3://b/m/tf")
+    monkeypatch.setattr(sparkapp, "run_stage", lambda stage, cfg, **kw: calls.append(("sparkapp", cfg, stage, kw)))
+    monkeypatch.setattr(training, "train", lambda cfg, **kw: calls.append(("local", cfg, kw)) or
+                        training.TrainResult(cfg.train.model, "s3://b/m/local", 1))
+    cfg = Config()
+    cfg.train.engine, cfg.train.output = engine, "s3://b/m/{model}"
+    url = steps.train(steps.config_text(cfg), "s3://b/prepared", "gru", '{"dropout": 0.1}', log=lambda line: None)
+    ((kind, sent, *rest),) = calls
+    assert kind == launched and (sent.train.model, sent.train.data, sent.train.dropout) == ("gru", "s3://b/prepared", 0.1)
+    assert url == {"tfjob": "s3://b/m/tf", "sparkapp": "s3://b/m/gru", "local": "s3://b/m/local"}[launched]
+    if launched == "sparkapp":
+        assert rest[0] == "train" and rest[1]["image"] == sparkapp.BIGDL_IMAGE
+    if launched == "local":
+        assert rest[0]["resume"] == "auto"
+
+
 def test_predict_component_compiles(tmp_path):
     """Not in topoflow's pipeline (users compose it): alone it compiles to the spark image, a Model in, a Dataset out."""
     from kfp import compiler

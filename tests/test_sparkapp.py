@@ -9,6 +9,7 @@ import signal
 import socket
 import time
 from importlib.metadata import version
+from pathlib import Path
 
 import pytest
 
@@ -17,10 +18,12 @@ from k8s_api import CRASH_ERROR, DRIVER_CONTAINER, DRIVER_ERROR, StandInAPI
 from topoflow.cli import _parser
 from topoflow.config import load_config
 from topoflow.errors import ConfigError, TopoflowError
-from topoflow.sparkapp import (IN_CLUSTER_MASTER, LOG_TAIL, SPARK_PORTS, SPARK_VERSION, driver_error, run_stage,
+from topoflow.kube import LOG_TAIL
+from topoflow.sparkapp import (IN_CLUSTER_MASTER, SPARK_PORTS, SPARK_VERSION, driver_error, run_stage,
                                spark_application)
 
 NS, IMAGE = "topoflow", "registry.example/topoflow:0.1.0"
+REPO = Path(__file__).resolve().parents[1]
 KEY, SECRET = "AKIA-launcher-key-0001", "launcher-secret-value-42"
 
 
@@ -102,9 +105,47 @@ def test_object_is_valid_sized_from_config_and_runs_the_same_settings():
     assert {k: defaults["spec"]["executor"][k] for k in ("memory", "cores", "instances")} == {
         "memory": "4g", "cores": 1, "instances": 2}
     assert defaults["spec"]["driver"]["env"] == []
-    with pytest.raises(ConfigError, match="'train' does not run on Spark"):
+    with pytest.raises(ConfigError, match="'evaluate' does not run on Spark"):
+        spark_application("evaluate", cfg, name="n", namespace=NS, image=IMAGE, service_account="sa", secret=None,
+                          run_id="r")
+    with pytest.raises(ConfigError, match="train.engine is 'keras': only the bigdl engine trains on Spark"):
         spark_application("train", cfg, name="n", namespace=NS, image=IMAGE, service_account="sa", secret=None,
                           run_id="r")
+
+
+@pytest.mark.parametrize("pvc", [None, "checkpoints"])
+def test_bigdl_training_runs_the_cli_in_the_bigdl_image(pvc):
+    """train.engine bigdl on a cluster: the bigdl image's Spark, Python and jars, train.workers executors, and a
+    driver running ``topoflow train`` with the run's settings, its checkpoint on the volume when there is one."""
+    from topoflow import sparkapp
+    from topoflow.cli import _STAGE_OVERRIDES
+
+    cfg = load_config(overrides=["train.engine=bigdl", "train.workers=6", "train.model=hlf", "train.epochs=3",
+                                 "spark.executor_cores=2", "train.data=s3://b/prepared", "train.output=s3://b/m/{model}",
+                                 f"storage.s3_secret_access_key={SECRET}", *([f"pipeline.pvc={pvc}"] if pvc else [])])
+    obj = spark_application("train", cfg, name="topoflow-train-abc", namespace=NS, image=sparkapp.BIGDL_IMAGE,
+                            service_account="topoflow-spark", secret="topoflow-s3")
+    validate(obj)
+    spec = obj["spec"]
+    assert (spec["image"], spec["mainApplicationFile"], spec["sparkVersion"]) == (
+        sparkapp.BIGDL_IMAGE, sparkapp.BIGDL_ENTRY, sparkapp.BIGDL_SPARK_VERSION)
+    assert spec["sparkConf"] == {**SPARK_PORTS, **sparkapp.BIGDL_CONF}
+    assert "/bigdl/share/dllib/lib/" in spec["sparkConf"]["spark.executor.extraClassPath"]
+    entry = (REPO / "images" / "bigdl" / "driver.py").read_text()  # becomes `topoflow train --engine bigdl …`
+    assert '[topoflow, "train", "--engine", "bigdl", *sys.argv[1:]]' in entry
+    dockerfile = (REPO / "images" / "bigdl" / "Dockerfile").read_text()
+    assert f"images/bigdl/driver.py {sparkapp.BIGDL_ENTRY.removeprefix('local://')}" in dockerfile
+    assert f"BIGDL_CLASSPATH={sparkapp.BIGDL_JARS} " in dockerfile and f"PYSPARK_PYTHON={sparkapp.BIGDL_PYTHON} " in dockerfile
+    assert (spec["executor"]["instances"], spec["executor"]["cores"], spec["executor"]["coreLimit"]) == (6, 2, "2")
+    args = _parser().parse_args(["train", "--engine", "bigdl", *spec["arguments"]])
+    assert args.command == "train" and args.resume == "auto" and args.no_progress
+    sent = load_config(args.config, args.overrides + _STAGE_OVERRIDES["train"](args))
+    checkpoints = "/data/checkpoints/hlf" if pvc else "/tmp/checkpoints/hlf"  # on the volume, else the scratch
+    assert sent.train.model_dump() == {**cfg.train.model_dump(), "checkpoint_dir": checkpoints}
+    assert sent.spark.master == IN_CLUSTER_MASTER and SECRET not in json.dumps(obj)
+    claims = [v for v in spec["volumes"] if "persistentVolumeClaim" in v]
+    assert claims == ([{"name": "data", "persistentVolumeClaim": {"claimName": pvc}}] if pvc else [])
+    assert {m["mountPath"] for m in spec["driver"]["volumeMounts"]} == {"/tmp", *(["/data"] if pvc else [])}
 
 
 def test_no_secret_value_reaches_the_cluster(k8s, monkeypatch):

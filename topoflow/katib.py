@@ -32,7 +32,6 @@ long at most, then leaves the Experiment running and says so.
 
 from __future__ import annotations
 
-import copy
 import math
 import shlex
 
@@ -45,7 +44,6 @@ from topoflow.extras import require
 
 EXPERIMENT = kube.Resource("kubeflow.org", "v1beta1", "experiments", "Experiment", "Katib")
 CONTAINER = "train"  # the trial's primary container: the one Katib wraps and whose output it reads
-SERVICE_ACCOUNT = "topoflow-train"  # k8s/base/rbac.yaml: no API access
 INJECTION_LABEL = "katib.kubeflow.org/metrics-collector-injection"  # Katib injects collectors where it is "enabled"
 EXPERIMENT_LABEL, TRIAL_LABEL = "katib.kubeflow.org/experiment", "katib.kubeflow.org/trial"  # on trials and pods
 COLLECTOR = "metrics-logger-and-collector"  # the name of the sidecar Katib injects
@@ -145,29 +143,8 @@ def _value(p: Parameter, text: str):
 
 def _trial_job(cfg: Config) -> dict:
     """The trial: ``topoflow train`` in a batch Job sized, placed and given Secrets as the pipeline's training."""
-    pc = cfg.pipeline
-    # copies: a dict shared by both contexts would appear in YAML as an anchor and an alias
-    pod_security, container_security = copy.deepcopy(kube.security_contexts(images.UID))
-    resources = {"cpu": pc.train_cpu, "memory": pc.train_memory, **({pc.gpu_resource: str(pc.gpus)} if pc.gpus else {})}
-    env = [{"name": var, "valueFrom": {"secretKeyRef": {"name": pc.s3_secret, "key": key}}}
-           for var, key in kube.SECRET_KEYS.items()] if pc.s3_secret else []
-    mounts = [{"name": "tmp", "mountPath": "/tmp"}, {"name": "work", "mountPath": WORK}]
-    volumes = [{"name": "tmp", "emptyDir": {"sizeLimit": "2Gi"}}, {"name": "work", "emptyDir": {"sizeLimit": "4Gi"}}]
-    if pc.xrootd_secret:  # as the pipeline's tasks have it
-        env.append({"name": "X509_USER_PROXY", "value": "/etc/topoflow/xrootd/x509up"})
-        mounts.append({"name": "xrootd", "mountPath": "/etc/topoflow/xrootd", "readOnly": True})
-        volumes.append({"name": "xrootd", "secret": {"secretName": pc.xrootd_secret}})
-    if pc.pvc:
-        mounts.append({"name": "data", "mountPath": pc.pvc_mount})
-        volumes.append({"name": "data", "persistentVolumeClaim": {"claimName": pc.pvc}})
-    container = {"name": CONTAINER, "image": images.TRAIN, "command": ["sh", "-c"], "args": [_command(cfg)],
-                 **({"env": env} if env else {}), "resources": {"requests": resources, "limits": dict(resources)},
-                 "securityContext": container_security, "volumeMounts": mounts}
-    pod = {"restartPolicy": "Never", "serviceAccountName": SERVICE_ACCOUNT, "automountServiceAccountToken": False,
-           "securityContext": pod_security, "containers": [container], "volumes": volumes}
-    if pc.gpus:
-        pod["nodeSelector"] = dict(pc.gpu_node_selector)
-        pod["tolerations"] = [t.model_dump(exclude_none=True) for t in pc.gpu_tolerations]
+    container = {"name": CONTAINER, "image": images.TRAIN, "command": ["sh", "-c"], "args": [_command(cfg)]}
+    pod = {"restartPolicy": "Never", **kube.training_pod(cfg.pipeline, container, scratch=WORK)}
     return {"apiVersion": "batch/v1", "kind": "Job", "spec": {
         "backoffLimit": 0,  # a failed trial is Katib's to count, not to retry
         "ttlSecondsAfterFinished": 86400,
@@ -224,7 +201,7 @@ def run(cfg: Config, namespace: str, client=None, log=print, timeout_s: float | 
     except KeyboardInterrupt:
         log(f"stopped waiting; {where} keeps running (stop it: kubectl -n {namespace} delete experiment {name})")
         raise
-    failed = _condition(obj, "Failed")
+    failed = kube.condition(obj, "Failed")
     if failed:
         raise TopoflowError(f"{where} failed: {failed.get('reason')}: {failed.get('message')}\n"
                             + _trial_problems(obj, namespace, trials))
@@ -281,7 +258,7 @@ def _start(crd, namespace: str, body: dict, log) -> None:
                                 "study change only its trial counts\ncontinue it with the settings it was made "
                                 f"with, give this study another tune.name, or delete it: kubectl -n {namespace} "
                                 f"delete experiment {name}")
-        if failed := _condition(old, "Failed"):
+        if failed := kube.condition(old, "Failed"):
             raise TopoflowError(f"{where} failed earlier ({failed.get('reason')}: {failed.get('message')}); Katib "
                                 f"does not restart a failed study\nits trials: kubectl -n {namespace} get trials -l "
                                 f"{EXPERIMENT_LABEL}={name}\nstart afresh: kubectl -n {namespace} delete experiment "
@@ -300,18 +277,12 @@ def _start(crd, namespace: str, body: dict, log) -> None:
     raise TopoflowError(f"{where} kept changing while being updated ({CONFLICTS} conflicts)")
 
 
-def _condition(obj: dict, kind: str) -> dict | None:
-    """The condition ``kind`` when it is True."""
-    return next((c for c in (obj.get("status") or {}).get("conditions", [])
-                 if c.get("type") == kind and c.get("status") == "True"), None)
-
-
 def _finished(obj: dict) -> bool:
     """Whether Katib ended the study: Failed, or Succeeded for the current spec (right after maxTrialCount was
     raised the status still says Succeeded with fewer finished trials, until the controller restarts it)."""
-    if _condition(obj, "Failed"):
+    if kube.condition(obj, "Failed"):
         return True
-    succeeded = _condition(obj, "Succeeded")
+    succeeded = kube.condition(obj, "Succeeded")
     return bool(succeeded) and (succeeded.get("reason") != "ExperimentMaxTrialsReached"
                                 or _done(obj) >= obj["spec"]["maxTrialCount"])
 

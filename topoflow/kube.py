@@ -1,22 +1,36 @@
 """What topoflow's launchers share when they drive custom resources through the Kubernetes API
-(:mod:`topoflow.sparkapp`: SparkApplications; :mod:`topoflow.deploy`: InferenceServices): the client, one
-call that turns the API server's refusals into errors saying what to fix, and the poll loop that waits for an
-operator to move a resource along. Imports the ``kubernetes`` client (the ``pipeline`` extra) only when called.
+(:mod:`topoflow.sparkapp`: SparkApplications; :mod:`topoflow.deploy`: InferenceServices; :mod:`topoflow.katib`:
+Experiments; :mod:`topoflow.tfjob`: TFJobs): the client, one call that turns the API server's refusals into errors
+saying what to fix, the poll loop that waits for an operator to move a resource along, the error a failed pod
+printed, and the pod of a training container (Katib trials and TFJob workers run alike). Imports the
+``kubernetes`` client (the ``pipeline`` extra) only when called.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import os
+import re
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
 
+from topoflow import images
 from topoflow.errors import TopoflowError
 
 SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "access_key_id", "AWS_SECRET_ACCESS_KEY": "secret_access_key"}  # env <- key
 # in the Secret pipeline.s3_secret: how every pod topoflow creates gets its S3 keys
+XROOTD_MOUNT = "/etc/topoflow/xrootd"  # where the Secret pipeline.xrootd_secret (key x509up) is mounted
+TRAIN_SERVICE_ACCOUNT = "topoflow-train"  # k8s/base/rbac.yaml: no API access
 REQUEST_TIMEOUT = (10, 30)  # connect, read (s): a silent API server fails the call instead of hanging it
+LOG_TAIL = 200  # lines of a failed pod's log read for its error: the error, then shutdown lines, fit well within
+# A line a logging framework writes (log4j "26/01/12 10:15:03 INFO ...", ISO dates, or structured JSON): it ends an
+# error block the program printed
+_LOG_RECORD = re.compile(r"\d\d(\d\d)?[/-]\d\d[/-]\d\d[ T]\d\d:|\{")
 
 
 @dataclass(frozen=True)
@@ -97,6 +111,122 @@ def security_contexts(uid: int) -> tuple[dict, dict]:
     user = {"runAsNonRoot": True, "runAsUser": uid, "runAsGroup": uid, "seccompProfile": {"type": "RuntimeDefault"}}
     return {**user, "fsGroup": uid}, {**user, "readOnlyRootFilesystem": True, "allowPrivilegeEscalation": False,
                                       "privileged": False, "capabilities": {"drop": ["ALL"]}}
+
+
+def secret_env(secret: str | None) -> list[dict]:
+    """The S3 keys of Secret ``secret`` as the AWS_* variables (none without a Secret): values never leave it."""
+    return [{"name": var, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+            for var, key in SECRET_KEYS.items()] if secret else []
+
+
+def training_pod(pc, container: dict, scratch: str | None = None) -> dict:
+    """The pod spec of a training ``container`` (name, image, command) as the pipeline's training runs: requests =
+    limits ``pc.train_cpu``/``train_memory`` and ``pc.gpus`` GPUs on the GPU nodes (their taints tolerated), the S3
+    keys from ``pc.s3_secret``, the XRootD proxy, ``pc.pvc`` at ``pc.pvc_mount``, a writable ``/tmp`` and a
+    ``scratch`` folder (emptyDirs) under a read-only root, the "restricted" Pod Security Standard, no API token.
+    ``pc`` is the config's PipelineConfig."""
+    # copies: a dict shared by both contexts would appear in YAML as an anchor and an alias
+    pod_security, container_security = map(copy.deepcopy, security_contexts(images.UID))
+    resources = {"cpu": pc.train_cpu, "memory": pc.train_memory, **({pc.gpu_resource: str(pc.gpus)} if pc.gpus else {})}
+    env = secret_env(pc.s3_secret)
+    mounts = [{"name": "tmp", "mountPath": "/tmp"}, *([{"name": "work", "mountPath": scratch}] if scratch else [])]
+    volumes = [{"name": "tmp", "emptyDir": {"sizeLimit": "2Gi"}},
+               *([{"name": "work", "emptyDir": {"sizeLimit": "4Gi"}}] if scratch else [])]
+    if pc.xrootd_secret:  # as the pipeline's tasks have it
+        env.append({"name": "X509_USER_PROXY", "value": f"{XROOTD_MOUNT}/x509up"})
+        mounts.append({"name": "xrootd", "mountPath": XROOTD_MOUNT, "readOnly": True})
+        volumes.append({"name": "xrootd", "secret": {"secretName": pc.xrootd_secret}})
+    if pc.pvc:
+        mounts.append({"name": "data", "mountPath": pc.pvc_mount})
+        volumes.append({"name": "data", "persistentVolumeClaim": {"claimName": pc.pvc}})
+    container = {**container, **({"env": env} if env else {}),
+                 "resources": {"requests": resources, "limits": dict(resources)},
+                 "securityContext": container_security, "volumeMounts": mounts}
+    pod = {"serviceAccountName": TRAIN_SERVICE_ACCOUNT, "automountServiceAccountToken": False,
+           "securityContext": pod_security, "containers": [container], "volumes": volumes}
+    if pc.gpus:
+        pod["nodeSelector"] = dict(pc.gpu_node_selector)
+        pod["tolerations"] = [t.model_dump(exclude_none=True) for t in pc.gpu_tolerations]
+    return pod
+
+
+def checkpoint_dir(cfg, scratch: str) -> str:
+    """Where a training pod keeps ``train.checkpoint_dir``: on the volume ``pipeline.pvc`` when there is one (the
+    configured folder if it lies there, else ``<pvc_mount>/checkpoints/<model>``), so that a restarted pod continues
+    it; else in ``scratch``, the pod's own volume, which a restarted pod starts over in."""
+    tc, pc = cfg.train, cfg.pipeline
+    root = (pc.pvc_mount if pc.pvc else scratch).rstrip("/")
+    configured = tc.resolved(tc.checkpoint_dir)
+    return configured if configured.startswith(f"{root}/") else f"{root}/checkpoints/{tc.model}"
+
+
+def condition(obj: dict, kind: str) -> dict | None:
+    """The status condition ``kind`` of ``obj`` when it is True (Katib's and the training operator's style)."""
+    return next((c for c in (obj.get("status") or {}).get("conditions", [])
+                 if c.get("type") == kind and c.get("status") == "True"), None)
+
+
+def printed_error(log: str) -> str | None:
+    """The error a topoflow process's log ends with, None if none: topoflow's CLI prints what the user can act on
+    as a block that starts ``error: `` (the file and the fix may follow on the next lines), so the last such block
+    is taken; anything unexpected ends in a traceback, whose ``SomeError: message`` line is taken otherwise."""
+    lines = log.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("error: ")]
+    if starts:
+        block = [lines[starts[-1]]]
+        for line in lines[starts[-1] + 1:]:
+            if not line.strip() or _LOG_RECORD.match(line):
+                break
+            block.append(line)
+        return "\n".join(block)
+    tracebacks = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last):")]
+    if tracebacks:  # the frames are indented; the exception's line is the first that is not
+        return next((line for line in lines[tracebacks[-1] + 1:] if line.strip() and not line[0].isspace()), None)
+    return None
+
+
+def pod_error(api, namespace: str, pod: str, container: str, who: str) -> str | None:
+    """What ``who`` (e.g. "the driver", the pod ``pod``) printed as its error, indented, or why its log could not
+    be read (None when the log holds no error): operators report only exit codes, the cause is in the log."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+    from urllib3.exceptions import HTTPError
+
+    try:  # raw bytes: the client would parse a log that happens to be valid JSON
+        response = client.CoreV1Api(api).read_namespaced_pod_log(
+            pod, namespace, container=container, tail_lines=LOG_TAIL, _preload_content=False,
+            _request_timeout=REQUEST_TIMEOUT)
+        log = response.data.decode(errors="replace")
+    except ApiException as e:
+        why = f"({e.status} {e.reason}): {message(e)}"
+        if e.status == 403:
+            why += ("\nthe Role in k8s/ bound to the service account this runs as needs verb 'get' on resource "
+                    "'pods/log'")
+        return f"{who}'s log could not be read {why}"
+    except HTTPError as e:
+        return f"{who}'s log could not be read: {reason(e)}"
+    error = printed_error(log)
+    if error is None:
+        return None
+    return f"{who} printed:\n" + "\n".join(f"  {line}" for line in error.splitlines())
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """Kubeflow cancels a run by deleting its pod (SIGTERM): treat that like Ctrl-C, so that a launcher deletes what
+    it started instead of leaving it running unwatched. Signal handlers can only be set in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class Conflict(TopoflowError):

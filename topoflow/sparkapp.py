@@ -18,10 +18,6 @@ is read from the tail of its pod's log and raised with the failure.
 
 from __future__ import annotations
 
-import contextlib
-import re
-import signal
-import threading
 import uuid
 
 from topoflow import images, kube
@@ -42,10 +38,20 @@ FAILURE_STATES = ("FAILED", "SUBMISSION_FAILED")
 # Spark names the driver's container so (Constants.DEFAULT_DRIVER_CONTAINER_NAME; the operator's
 # common.SparkDriverContainerName): naming it keeps the log read working when the pod has sidecars
 DRIVER_CONTAINER = "spark-kubernetes-driver"
-LOG_TAIL = 200  # lines: the driver's error, then Spark's shutdown lines, fit well within
-# A line Spark's logging writes (log4j "26/01/12 10:15:03 INFO ...", ISO dates, or structured JSON): it ends an
-# error block the driver printed
-_LOG_RECORD = re.compile(r"\d\d(\d\d)?[/-]\d\d[/-]\d\d[ T]\d\d:|\{")
+driver_error = kube.printed_error  # what a failed driver printed, from its log
+# BigDL training (train.engine bigdl): what the bigdl image (images/bigdl/Dockerfile) provides, all here so that a
+# change of the image is one edit. Its Spark is BigDL-dllib 2.4's pyspark 3.1.3 in the image's Python 3.9; its entry
+# file runs ``topoflow train --engine bigdl <arguments>``.
+BIGDL_IMAGE = f"topoflow-bigdl:{images.TAG}"
+BIGDL_ENTRY = "local:///opt/topoflow/bigdl_driver.py"
+BIGDL_PYTHON = "/usr/local/bin/python3.9"
+_BIGDL_LIB = "/usr/local/lib/python3.9/site-packages/bigdl/share"
+BIGDL_JARS = (f"{_BIGDL_LIB}/dllib/lib/bigdl-dllib-spark_3.1.3-2.4.0-jar-with-dependencies.jar:"
+              f"{_BIGDL_LIB}/core/lib/all-2.4.0-20230420.050641-1.jar")  # the image's $BIGDL_CLASSPATH
+BIGDL_SPARK_VERSION = "3.1.3"
+BIGDL_CONF = {"spark.driver.extraClassPath": BIGDL_JARS, "spark.executor.extraClassPath": BIGDL_JARS,
+              "spark.pyspark.python": BIGDL_PYTHON, "spark.pyspark.driver.python": BIGDL_PYTHON}
+SCRATCH = "/tmp"  # the driver's writable volume: BigDL's checkpoints without pipeline.pvc
 
 
 def run_stage(stage: str, cfg: Config, *, namespace: str, image: str, service_account: str = "topoflow-spark",
@@ -66,7 +72,7 @@ def run_stage(stage: str, cfg: Config, *, namespace: str, image: str, service_ac
     body = spark_application(stage, cfg, name=name, namespace=namespace, image=image,
                              service_account=service_account, secret=secret, run_id=run_id or suffix)
     crd = client.CustomObjectsApi(api or kube.default_client())
-    with _sigterm_interrupts():
+    with kube.sigterm_interrupts():
         kube.call(crd, SPARK_APPLICATION, "create", namespace, crd.create_namespaced_custom_object, body=body)
         log(f"created SparkApplication {namespace}/{name}; driver log: kubectl logs -n {namespace} -f {name}-driver")
         try:
@@ -78,7 +84,7 @@ def run_stage(stage: str, cfg: Config, *, namespace: str, image: str, service_ac
     if state != "COMPLETED":
         driver = status.get("driverInfo", {}).get("podName") or f"{name}-driver"
         message = status["applicationState"].get("errorMessage") or "the operator gave no error message"
-        said = _driver_said(crd.api_client, namespace, driver)
+        said = kube.pod_error(crd.api_client, namespace, driver, DRIVER_CONTAINER, "the driver")
         raise TopoflowError(f"Spark {stage} failed: SparkApplication {namespace}/{name} is {state}: {message}\n"
                             + (f"{said}\n" if said else "")
                             + f"the driver's whole log: kubectl logs -n {namespace} {driver}")
@@ -86,25 +92,40 @@ def run_stage(stage: str, cfg: Config, *, namespace: str, image: str, service_ac
 
 
 def spark_application(stage: str, cfg: Config, *, name: str, namespace: str, image: str, service_account: str,
-                      secret: str | None, run_id: str) -> dict:
-    """The SparkApplication running ``topoflow <stage>`` with ``cfg``'s settings, sized by ``cfg.spark``."""
-    if stage not in SPARK_STAGES:
+                      secret: str | None, run_id: str | None = None) -> dict:
+    """The SparkApplication running ``topoflow <stage>`` with ``cfg``'s settings, sized by ``cfg.spark``. Stage
+    ``train`` is BigDL training (``train.engine`` bigdl) in the bigdl image: its Spark, its Python, BigDL's jars,
+    ``train.workers`` executors, checkpoints on ``pipeline.pvc`` when there is one (a rerun continues them)."""
+    bigdl = stage == "train"
+    if bigdl and cfg.train.engine != "bigdl":
+        raise ConfigError(f"train.engine is {cfg.train.engine!r}: only the bigdl engine trains on Spark")
+    if stage not in (*SPARK_STAGES, "train"):
         raise ConfigError(f"stage {stage!r} does not run on Spark; use one of {list(SPARK_STAGES)}")
-    labels = {"app.kubernetes.io/name": "topoflow", "app.kubernetes.io/component": stage, "topoflow/run-id": run_id}
-    env = [{"name": var, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
-           for var, key in kube.SECRET_KEYS.items()] if secret else []
+    labels = {"app.kubernetes.io/name": "topoflow", "app.kubernetes.io/component": stage,
+              "app.kubernetes.io/part-of": "topoflow", **({"topoflow/run-id": run_id} if run_id else {})}
     pod_security, container_security = kube.security_contexts(images.UID)
+    mounts, volumes = [{"name": "tmp", "mountPath": "/tmp"}], [{"name": "tmp", "emptyDir": {"sizeLimit": "4Gi"}}]
+    pc = cfg.pipeline
+    if bigdl and pc.pvc:
+        mounts.append({"name": "data", "mountPath": pc.pvc_mount})
+        volumes.append({"name": "data", "persistentVolumeClaim": {"claimName": pc.pvc}})
     pod = {
         "labels": labels,
-        "env": env,
+        "env": kube.secret_env(secret),
         "podSecurityContext": pod_security,
         "securityContext": container_security,
-        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+        "volumeMounts": mounts,
     }
     sc = cfg.spark
     executor = {"cores": 1, "instances": 2, "memory": "4g"}  # where cfg.spark leaves them to Spark
     executor.update({k: v for k, v in (("cores", sc.executor_cores), ("instances", sc.executor_instances),
                                        ("memory", sc.executor_memory)) if v is not None})
+    executor["coreRequest"] = executor["coreLimit"] = str(executor["cores"])  # Spark sets the memory limit itself
+    arguments = [stage, "--no-progress", *_settings(cfg)]
+    if bigdl:  # the entry file is `topoflow train --engine bigdl` already
+        executor["instances"] = cfg.train.workers
+        arguments = [*arguments[1:], "--resume", "auto",
+                     "--set", f"train.checkpoint_dir={kube.checkpoint_dir(cfg, SCRATCH)}"]
     return {
         "apiVersion": SPARK_APPLICATION.api_version,
         "kind": SPARK_APPLICATION.kind,
@@ -114,14 +135,15 @@ def spark_application(stage: str, cfg: Config, *, name: str, namespace: str, ima
             "pythonVersion": "3",
             "mode": "cluster",
             "image": image,
-            "sparkVersion": SPARK_VERSION,
-            "mainApplicationFile": ENTRY,
-            "arguments": [stage, "--no-progress", *_settings(cfg)],
-            "sparkConf": {**SPARK_PORTS, **sc.conf},
-            "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "4Gi"}}],  # the root filesystem is read-only
+            "sparkVersion": BIGDL_SPARK_VERSION if bigdl else SPARK_VERSION,
+            "mainApplicationFile": BIGDL_ENTRY if bigdl else ENTRY,
+            "arguments": arguments,
+            "sparkConf": {**SPARK_PORTS, **(BIGDL_CONF if bigdl else {}), **sc.conf},
+            "volumes": volumes,  # the root filesystem is read-only
             "restartPolicy": {"type": "Never"},  # a rerun would repeat a stage that already failed on its input
             "timeToLiveSeconds": 24 * 3600,  # keeps a failed run's driver log a day, then the operator tidies up
-            "driver": {**pod, "cores": 1, "memory": sc.driver_memory, "serviceAccount": service_account},
+            "driver": {**pod, "cores": 1, "coreRequest": "1", "coreLimit": "1", "memory": sc.driver_memory,
+                       "serviceAccount": service_account},
             "executor": {**pod, **executor},
         },
     }
@@ -152,51 +174,6 @@ def _wait(crd, namespace: str, name: str, timeout_s: float | None, poll_s: float
     return obj["status"]
 
 
-def _driver_said(api, namespace: str, pod: str) -> str | None:
-    """What the driver printed as its error, indented, or why its log could not be read (None when the log
-    holds no error): the operator's status gives only the exit code, the cause is in the log."""
-    from kubernetes import client
-    from kubernetes.client.exceptions import ApiException
-    from urllib3.exceptions import HTTPError
-
-    try:  # raw bytes: the client would parse a log that happens to be valid JSON
-        response = client.CoreV1Api(api).read_namespaced_pod_log(
-            pod, namespace, container=DRIVER_CONTAINER, tail_lines=LOG_TAIL, _preload_content=False,
-            _request_timeout=kube.REQUEST_TIMEOUT)
-        log = response.data.decode(errors="replace")
-    except ApiException as e:
-        why = f"({e.status} {e.reason}): {kube.message(e)}"
-        if e.status == 403:
-            why += ("\nthe Role in k8s/ bound to the service account this runs as needs verb 'get' on resource "
-                    "'pods/log'")
-        return f"the driver's log could not be read {why}"
-    except HTTPError as e:
-        return f"the driver's log could not be read: {kube.reason(e)}"
-    error = driver_error(log)
-    if error is None:
-        return None
-    return "the driver printed:\n" + "\n".join(f"  {line}" for line in error.splitlines())
-
-
-def driver_error(log: str) -> str | None:
-    """The error a driver's log ends with, None if none: topoflow's CLI prints what the user can act on as a
-    block that starts ``error: `` (the file and the fix may follow on the next lines), so the last such block
-    is taken; anything unexpected ends in a traceback, whose ``SomeError: message`` line is taken otherwise."""
-    lines = log.splitlines()
-    starts = [i for i, line in enumerate(lines) if line.startswith("error: ")]
-    if starts:
-        block = [lines[starts[-1]]]
-        for line in lines[starts[-1] + 1:]:
-            if not line.strip() or _LOG_RECORD.match(line):
-                break
-            block.append(line)
-        return "\n".join(block)
-    tracebacks = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last):")]
-    if tracebacks:  # the frames are indented; the exception's line is the first that is not
-        return next((line for line in lines[tracebacks[-1] + 1:] if line.strip() and not line[0].isspace()), None)
-    return None
-
-
 def _delete(crd, namespace: str, name: str, log) -> None:
     """Delete the application (the operator's owner references take its pods along); never masks the reason."""
     try:
@@ -206,21 +183,3 @@ def _delete(crd, namespace: str, name: str, log) -> None:
     except TopoflowError as e:
         log(f"could not delete SparkApplication {namespace}/{name}: {e}\n"
             f"delete it yourself: kubectl delete sparkapplication -n {namespace} {name}")
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def _sigterm_interrupts():
-    """Kubeflow cancels a run by deleting its pod (SIGTERM): treat that like Ctrl-C, so the SparkApplication
-    is deleted too instead of running on unwatched. Signal handlers can only be set in the main thread."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

@@ -104,16 +104,38 @@ def tune(text: str, prepared: str, model: str, log=print) -> str:
     return json.dumps(params)
 
 
-def train(text: str, prepared: str, model: str, tuned: str = "") -> str:
-    """Train ``model`` (with the settings :func:`tune` chose, when given); a retried pod that finds its
-    checkpoint (on a volume) continues it."""
-    from topoflow.train import train as run
-
+def train(text: str, prepared: str, model: str, tuned: str = "", log=print) -> str:
+    """Train ``model`` (with the settings :func:`tune` chose, when given); the URL of its export. In a pod of the
+    cluster the distributed engines get pods of their own: ``multiworker`` a TFJob (:mod:`topoflow.tfjob`),
+    ``bigdl`` a SparkApplication in the BigDL image; this step only launches and waits. Otherwise (the keras
+    engine, a local run) it trains here; a retried pod that finds its checkpoint (on a volume) continues it."""
     cfg = load_config(text=text)
     cfg.train.data, cfg.train.model = prepared, model
     for name, value in json.loads(tuned or "{}").items():
         setattr(cfg.train, name, value)
+    pc = cfg.pipeline
+    if launches(cfg):
+        if cfg.train.engine == "multiworker":
+            from topoflow.tfjob import run as run_tfjob
+
+            return run_tfjob(cfg, namespace=pc.namespace, log=log)
+        from topoflow import sparkapp
+
+        sparkapp.run_stage("train", cfg, namespace=pc.namespace, image=sparkapp.BIGDL_IMAGE,
+                           service_account=pc.spark_service_account, secret=pc.s3_secret, log=log)
+        return cfg.train.resolved(cfg.train.output)
+    from topoflow.train import train as run
+
     return run(cfg, resume="auto", show_progress=False).output
+
+
+LAUNCHED_ENGINES = ("multiworker", "bigdl")  # on a cluster the train step starts their pods and only waits
+
+
+def launches(cfg: Config) -> bool:
+    """Whether the train step launches its training on other pods (a distributed engine, in a pod of the cluster)
+    rather than training in its own."""
+    return cfg.train.engine in LAUNCHED_ENGINES and kube.in_cluster()
 
 
 def evaluate(text: str, prepared: str, models: dict[str, str], metrics=None, classification=None,
