@@ -499,8 +499,18 @@ _EXTRAS = {"generate": "generate", "ingest": "spark", "prepare": "spark", "train
            "predict": "spark", "serve": "serve", "pipeline": "pipeline", "tune": "train"}  # the extra each command needs
 
 
+_TERMINATED = 128 + signal.SIGTERM  # the exit code of a process SIGTERM ended: what a TFJob's ExitCode policy retries
+_terminated: list[bool] = []
+
+
 def _stop(signum, frame):
+    _terminated.append(True)
     raise KeyboardInterrupt  # SIGTERM (a pod being evicted) stops as cleanly as Ctrl-C
+
+
+def _failed(code: int) -> int:
+    """``code``, or 143 when SIGTERM caused the failure: an evicted pod's work is retried, a bad input's is not."""
+    return _TERMINATED if _terminated else code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -516,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
         args.run(load_config(args.config, overrides, sections=space), args)
     except TopoflowError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _failed(2)
     except ModuleNotFoundError as e:  # a stage whose extra is not installed
         from topoflow.extras import missing
 
@@ -529,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
             stop_active()
         print("interrupted: the study is saved; run the same command to continue it" if args.command == "tune"
               else "interrupted: no output was committed", file=sys.stderr)
-        return 130
+        return _failed(130)
     return 0
 
 
