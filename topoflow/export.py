@@ -25,6 +25,7 @@ from topoflow import CLASSES, __version__, storage, triton
 from topoflow.config import Config, StorageConfig
 from topoflow.errors import BadInputError
 from topoflow.extras import require
+from topoflow.models import ENGINE_NOTES
 from topoflow.onnx_export import OUTPUT, to_onnx
 from topoflow.preprocessing import FILE_NAME, Preprocessing, pad
 
@@ -70,6 +71,7 @@ def model_card(model, pre: Preprocessing, cfg: Config, history: dict) -> dict:
         "classes": list(CLASSES),
         "data": tc.data,
         "training": tc.model_dump(mode="json"),
+        "engine": {"name": tc.engine, "note": ENGINE_NOTES.get(tc.engine, "")},
         "final_metrics": {k: v[-1] for k, v in history.items() if v},
         "splits": {"train": "fits the weights; metrics without a prefix", "validation": "val_* metrics, every epoch",
                    "test": "not seen in training: its numbers come from topoflow evaluate"},

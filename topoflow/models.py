@@ -3,6 +3,8 @@
 All take the dict ``{"hlf": (batch, 14), "particles": (batch, steps, 19)}`` (each uses what it
 needs) and output softmax probabilities in the class order of :data:`topoflow.CLASSES`. The GRU
 sees sequences padded at the end and masked, which keeps it on the fused (cuDNN) kernel on GPUs.
+For ``engine: bigdl`` the GRU has no biases and applies its reset gate before the recurrent product
+(:data:`ENGINE_NOTES`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,10 @@ from topoflow.features import HLF_NAMES, PARTICLE_NAMES
 from topoflow.tf import import_tensorflow
 
 MODELS = ("hlf", "gru", "inclusive")
+# what the model card says about a model an engine trained differently (topoflow.export.model_card)
+ENGINE_NOTES = {"bigdl": "GRU without biases, reset gate before the recurrent product (Keras reset_after=False): "
+                "BigDL's GRU, trained on sequences padded at the start, where zero biases keep the state 0 "
+                "through the padding, so it equals this masked GRU on end-padded input"}
 INPUTS = {"hlf": ("hlf",), "gru": ("particles",), "inclusive": ("hlf", "particles")}
 
 
@@ -25,8 +31,12 @@ def build(cfg: TrainConfig, total_steps: int | None = None):
     hlf = keras.Input((len(HLF_NAMES),), name="hlf")
     seq = keras.Input((None, len(PARTICLE_NAMES)), name="particles")
 
+    # engine bigdl: the GRU BigDL trains (see topoflow.engines.bigdl_worker), exact under masking
+    gru_form = dict(use_bias=False, reset_after=False) if cfg.engine == "bigdl" else {}
+
     def sequence_branch():
-        return layers.Dropout(cfg.dropout)(layers.GRU(cfg.gru_units, name="gru")(layers.Masking(0.0)(seq)))
+        gru = layers.GRU(cfg.gru_units, name="gru", **gru_form)
+        return layers.Dropout(cfg.dropout)(gru(layers.Masking(0.0)(seq)))
 
     if cfg.model == "hlf":
         x, inputs = hlf, {"hlf": hlf}

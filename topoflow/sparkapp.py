@@ -50,7 +50,13 @@ BIGDL_JARS = (f"{_BIGDL_LIB}/dllib/lib/bigdl-dllib-spark_3.1.3-2.4.0-jar-with-de
               f"{_BIGDL_LIB}/core/lib/all-2.4.0-20230420.050641-1.jar")  # the image's $BIGDL_CLASSPATH
 BIGDL_SPARK_VERSION = "3.1.3"
 BIGDL_CONF = {"spark.driver.extraClassPath": BIGDL_JARS, "spark.executor.extraClassPath": BIGDL_JARS,
-              "spark.pyspark.python": BIGDL_PYTHON, "spark.pyspark.driver.python": BIGDL_PYTHON}
+              "spark.pyspark.python": BIGDL_PYTHON, "spark.pyspark.driver.python": BIGDL_PYTHON,
+              # BigDL's own spark-bigdl.conf (init_spark_conf adds it locally; spark-submit does not): training
+              # starts only when every executor is there, as BigDL places one model replica per executor
+              "spark.scheduler.minRegisteredResourcesRatio": "1.0",
+              "spark.scheduler.maxRegisteredResourcesWaitingTime": "3600s", "spark.speculation": "false",
+              "spark.shuffle.reduceLocality.enabled": "false", "spark.shuffle.blockTransferService": "nio",
+              "spark.serializer": "org.apache.spark.serializer.JavaSerializer"}
 SCRATCH = "/tmp"  # the driver's writable volume: BigDL's checkpoints without pipeline.pvc
 
 
