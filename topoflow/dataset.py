@@ -40,10 +40,14 @@ def _to_arrays(batch: pa.RecordBatch, inputs, max_len: int) -> tuple[dict[str, n
 def iter_batches(
     url: str, cfg: StorageConfig, batch_size: int, *, shuffle: bool = False, seed: int = 0,
     bucket: bool = False, window_batches: int = 16, max_particles: int = MAX_PARTICLES,
-    inputs: tuple[str, ...] = INPUTS,
+    inputs: tuple[str, ...] = INPUTS, parts: int = 1, keep: tuple[int, ...] = (0,),
 ) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
     """One pass over the dataset: ``({"hlf", "particles"}, one-hot labels)`` per batch; only the
     ``inputs`` named are read (the HLF model never decodes particle lists).
+
+    ``parts``: each batch is cut into that many near-equal slices and only the slices ``keep`` are
+    yielded, in turn: the replicas of a distributed run each train on their slice of the same global
+    batches, so any number of them computes what one process computes.
 
     ``shuffle``: file order and rows inside each window of ``window_batches`` batches are
     permuted (seeded). ``bucket``: rows of a window are sorted by length before being cut into
@@ -72,7 +76,12 @@ def iter_batches(
         if usable > full:
             starts.append(full)  # the one short batch comes last
         for s in starts:
-            yield _to_arrays(rows.slice(s, batch_size).combine_chunks().to_batches()[0], inputs, max_particles)
+            batch = rows.slice(s, batch_size)
+            bounds = np.cumsum([0] + [batch.num_rows // parts + (i < batch.num_rows % parts) for i in range(parts)])
+            for i in keep:
+                part = batch.slice(bounds[i], bounds[i + 1] - bounds[i]).combine_chunks().to_batches()
+                part = part[0] if part else pa.RecordBatch.from_pylist([], rows.schema)  # fewer rows than replicas
+                yield _to_arrays(part, inputs, max_particles)
         return rows.slice(usable)
 
     import pyarrow.parquet as pq
@@ -108,10 +117,11 @@ def num_rows(url: str, cfg: StorageConfig) -> int:
 
 def tf_dataset(url: str, cfg: StorageConfig, batch_size: int, *, shuffle: bool = False, seed: int = 0,
                bucket: bool = False, max_particles: int = MAX_PARTICLES, inputs: tuple[str, ...] = INPUTS,
-               first_epoch: int = 0):
+               first_epoch: int = 0, parts: int = 1, keep: tuple[int, ...] = (0,)):
     """A ``tf.data.Dataset`` of ``({"hlf", "particles"}, labels)`` streaming from ``url``, prefetched.
     Epoch ``k`` (counted from ``first_epoch``, for resumed training) shuffles with seed ``seed + k``,
-    so a resumed run sees the same data order as an uninterrupted one."""
+    so a resumed run sees the same data order as an uninterrupted one. ``parts``, ``keep``: slices of each
+    batch, see :func:`iter_batches`."""
     from topoflow.tf import import_tensorflow
 
     tf = import_tensorflow()
@@ -119,11 +129,11 @@ def tf_dataset(url: str, cfg: StorageConfig, batch_size: int, *, shuffle: bool =
 
     def generator():
         yield from iter_batches(url, cfg, batch_size, shuffle=shuffle, seed=seed + next(epoch), bucket=bucket,
-                                max_particles=max_particles, inputs=inputs)
+                                max_particles=max_particles, inputs=inputs, parts=parts, keep=keep)
 
     specs = {"hlf": tf.TensorSpec((None, len(HLF_NAMES)), tf.float32),
              "particles": tf.TensorSpec((None, None, len(PARTICLE_NAMES)), tf.float32)}
     signature = ({k: specs[k] for k in inputs}, tf.TensorSpec((None, len(CLASSES)), tf.float32))
     batches = -(-num_rows(url, cfg) // batch_size)  # every batch is full but the last
     ds = tf.data.Dataset.from_generator(generator, output_signature=signature)
-    return ds.apply(tf.data.experimental.assert_cardinality(batches)).prefetch(tf.data.AUTOTUNE)
+    return ds.apply(tf.data.experimental.assert_cardinality(batches * len(keep))).prefetch(tf.data.AUTOTUNE)

@@ -170,7 +170,10 @@ def _use_threads(threads: int | None) -> None:
 def _checkpoint_state(ckpt: Path, tc: TrainConfig, resume: bool | str, restart: bool) -> dict | None:
     """The checkpoint to continue (``resume``), or None to start afresh; a checkpoint is never
     discarded silently, nor continued with other settings (the result would be neither run's)."""
-    state = json.loads((ckpt / STATE).read_text()) if (ckpt / STATE).exists() else None
+    try:
+        state = json.loads((ckpt / STATE).read_text())
+    except FileNotFoundError:  # none, or the chief of several workers starting afresh just deleted it
+        state = None
     if resume == "auto":
         resume = state is not None
     if resume and state is None:
