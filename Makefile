@@ -69,7 +69,7 @@ run: install system-deps
 test: install system-deps scan-env bigdl-env
 	$(BIN)/python -m pytest
 
-bench: install system-deps
+bench: install system-deps bigdl-env
 	$(BIN)/python benchmarks/generate_throughput.py
 	$(BIN)/python benchmarks/ingest_throughput.py
 	$(BIN)/python benchmarks/input_pipeline.py
@@ -81,10 +81,11 @@ bench: install system-deps
 		|| { echo "error: wrk not found: apt-get install wrk"; exit 1; }
 	$(BIN)/python benchmarks/serving.py
 	$(BIN)/python benchmarks/tuning.py
+	$(BIN)/python benchmarks/engines.py
 
 # The container images, one per dependency tier (needs a Docker engine with BuildKit).
 images:
-	for tier in spark train base serve; do docker build -f images/$$tier/Dockerfile -t topoflow-$$tier:$(VERSION) . || exit 1; done
+	for tier in spark train base serve bigdl; do docker build -f images/$$tier/Dockerfile -t topoflow-$$tier:$(VERSION) . || exit 1; done
 
 clean:
 	rm -rf $(VENV) $(SCAN) $(BIGDL) out .pytest_cache
