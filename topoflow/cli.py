@@ -79,10 +79,18 @@ its own (the format Katib's StdOut collector reads; val_* are on the validation 
 test); TensorBoard logs go to <checkpoint_dir>/logs. A killed run continues with --resume (same
 settings) and reaches the same result; an existing checkpoint is never discarded without --restart.
 
+Engines (--engine, train.engine), same models, checkpoints and export:
+  keras        one process, on the CPU or the machine's GPUs (default)
+  multiworker  TensorFlow MultiWorkerMirroredStrategy: --workers N processes on this machine (a TFJob's
+               workers on Kubernetes); batch_size stays the global batch, so results do not depend on N
+  bigdl        BigDL on Spark (local[N] with --workers N) in its own Python 3.9 environment: make bigdl-env
+
 examples:
   topoflow train --model inclusive --epochs 6
   topoflow train --model gru --set train.bucket=true --set train.gru_units=64
   topoflow train --model inclusive --resume
+  topoflow train --model inclusive --engine multiworker --workers 2
+  topoflow train --model hlf --engine bigdl --workers 2
 """
 
 _TUNE_HELP = """\
