@@ -25,7 +25,8 @@ injection label, and a change of anything but the trial counts, or a restart Kat
 (``GET /api/v1/namespaces/{name}``), with the labels of ``namespaces``.
 
 Each GET of a ``kubeflow.org/v1`` TFJob moves it one step along ``training`` (the training operator v1.9.0, see
-TFJOB_SCRIPTS and :func:`reconcile_tfjob`), which also keeps its worker pods: they are listed
+TFJOB_SCRIPTS and :func:`reconcile_tfjob`), which also keeps its worker pods, owned by the job (a restart replaces
+a pod by one of a new UID, as ``restartPolicy: ExitCode`` does): they are listed
 (``GET /api/v1/namespaces/{ns}/pods?labelSelector=…``, equality terms) and a failed worker's log is served.
 
 Every request is recorded in ``requests`` as (verb, name) so tests can see what the client did.
@@ -34,6 +35,7 @@ Every request is recorded in ``requests`` as (verb, name) so tests can see what 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 import threading
@@ -156,6 +158,8 @@ TFJOB_SCRIPTS = {
     "fails": ["", "created", "running", "failed"],  # worker 1 exits 2 (topoflow's error): not retried
     "restarts": ["", "created", "running", "restarting", "running", "succeeded"],  # worker 1 evicted (exit 143)
     "keeps_restarting": ["", "created", "running", *["restarting", "running"] * 5],
+    "crash_loops": ["", "created", "running", "restarted"],  # worker 1 killed for memory (exit 137) again and
+    # again, faster than the polls: each poll finds a new pod, failed, and never the Restarting condition
     "runs_forever": ["", "created", "running"],
 }
 TF_CONTAINER = "tensorflow"
@@ -379,11 +383,13 @@ class StandInAPI:
         self.log_queries.append(query)
         if "pods/log" in self.forbidden:
             return self._forbidden("get", "pods/log", "", namespace, pod)
-        if (namespace, pod) in self.pods:  # a TFJob's worker: only a failed one printed something
+        if (namespace, pod) in self.pods:  # a TFJob's worker: only one that exited 2 printed an error
             if query.get("container", TF_CONTAINER) != TF_CONTAINER:
                 return _status(400, "BadRequest", f"container {query['container']} is not valid for pod {pod}")
-            failed = self.pods[(namespace, pod)]["status"]["phase"] == "Failed"
-            lines = WORKER_LOG.splitlines(keepends=True) if failed else []
+            state = self.pods[(namespace, pod)]["status"]["containerStatuses"][0]["state"]
+            code = state.get("terminated", {}).get("exitCode")
+            log = WORKER_LOG if code == 2 else WORKER_LOG.removesuffix(f"{WORKER_ERROR}\n") if code else ""
+            lines = log.splitlines(keepends=True)
             return 200, "".join(lines[-int(query["tailLines"]):] if "tailLines" in query else lines)
         if self.driver_log is None or ("sparkapplications", namespace, pod.removesuffix("-driver")) not in self.objects:
             return _status(404, "NotFound", f'pods "{pod}" not found', pod, "pods", "")
@@ -588,6 +594,7 @@ def reconcile_experiment(obj: dict, state: str) -> None:
         end("Failed", "ExperimentFailed", "Experiment has failed because max failed count has reached")
 
 
+POD_UIDS = itertools.count(1)  # the API server gives every pod it creates a new UID
 TFJOB_LABEL, TYPE_LABEL, INDEX_LABEL = ("training.kubeflow.org/job-name", "training.kubeflow.org/replica-type",
                                        "training.kubeflow.org/replica-index")  # what the operator puts on its pods
 
@@ -599,8 +606,10 @@ def reconcile_tfjob(obj: dict, state: str, pods: dict[tuple[str, str], dict]) ->
 
     - created: Created (the creation event's reason and message);
     - running: every worker runs; Running replaces Restarting;
-    - restarting: worker 1 was evicted (exit 143, retryable under ExitCode): its pod is recreated, Restarting
-      replaces Running;
+    - restarting: worker 1 was evicted (exit 143, retryable under ExitCode): its pod is deleted and created anew
+      (a new UID at the same replica index), Restarting replaces Running;
+    - restarted: the same, Running set again within the reconcile (which drops Restarting), and worker 1's new pod
+      already killed for memory (exit 137) before the operator's next reconcile deletes it;
     - succeeded: every worker exited 0 (worker 0 decides); Running turns False, Succeeded;
     - failed: worker 1 exited 2 (not retryable under ExitCode); Running turns False, Failed with pod.go's message.
 
@@ -627,17 +636,24 @@ def reconcile_tfjob(obj: dict, state: str, pods: dict[tuple[str, str], dict]) ->
                                  "lastUpdateTime": now, "lastTransitionTime": now}]
 
     workers = spec["tfReplicaSpecs"]["Worker"]["replicas"]
-    phases = {"created": "Pending", "running": "Running", "restarting": "Running", "succeeded": "Succeeded",
-              "failed": "Running"}
+    phases = {"created": "Pending", "running": "Running", "restarting": "Running", "restarted": "Running",
+              "succeeded": "Succeeded", "failed": "Running"}
+    failing = min(1, workers - 1)
+    owner = {"apiVersion": "kubeflow.org/v1", "kind": "TFJob", "name": name, "uid": meta["uid"], "controller": True,
+             "blockOwnerDeletion": True}
     for i in range(workers):
         phase, code = phases[state], 0
-        if state == "failed" and i == min(1, workers - 1):
-            phase, code = "Failed", 2
+        if state in ("failed", "restarted") and i == failing:
+            phase, code = "Failed", 2 if state == "failed" else 137
         pod = f"{name}-worker-{i}"
+        old = pods.get((namespace, pod))
+        recreated = (not old or old["metadata"]["ownerReferences"][0]["uid"] != meta["uid"]  # another job's
+                     or i == failing and state in ("restarting", "restarted"))
+        uid = f"uid-pod-{next(POD_UIDS)}" if recreated else old["metadata"]["uid"]
         terminated = {"terminated": {"exitCode": code, "reason": "Completed" if code == 0 else "Error"}}
         pods[(namespace, pod)] = {
             "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": pod, "namespace": namespace, "labels": {
+            "metadata": {"name": pod, "namespace": namespace, "uid": uid, "ownerReferences": [owner], "labels": {
                 **spec["tfReplicaSpecs"]["Worker"]["template"]["metadata"].get("labels", {}), TFJOB_LABEL: name,
                 TYPE_LABEL: "worker", INDEX_LABEL: str(i)}},
             "status": {"phase": phase, "containerStatuses": [{
@@ -655,8 +671,10 @@ def reconcile_tfjob(obj: dict, state: str, pods: dict[tuple[str, str], dict]) ->
         mark("Created", "TFJobCreated", f"TFJob {name} is created.")
     elif state == "running":
         mark("Running", "TFJobRunning", f"TFJob {namespace}/{name} is running.")
-    elif state == "restarting":
+    elif state in ("restarting", "restarted"):
         mark("Restarting", "TFJobRestarting", f"job {name} is restarting because Worker replica(s) failed.")
+        if state == "restarted":
+            mark("Running", "TFJobRunning", f"TFJob {namespace}/{name} is running.")
     elif state == "succeeded":
         status.setdefault("completionTime", now)
         mark("Succeeded", "TFJobSucceeded", f"TFJob {namespace}/{name} successfully completed.")

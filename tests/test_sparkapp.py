@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import time
@@ -18,9 +19,8 @@ from k8s_api import CRASH_ERROR, DRIVER_CONTAINER, DRIVER_ERROR, StandInAPI
 from topoflow.cli import _parser
 from topoflow.config import load_config
 from topoflow.errors import ConfigError, TopoflowError
-from topoflow.kube import LOG_TAIL
-from topoflow.sparkapp import (IN_CLUSTER_MASTER, SPARK_PORTS, SPARK_VERSION, driver_error, run_stage,
-                               spark_application)
+from topoflow.kube import LOG_TAIL, printed_error
+from topoflow.sparkapp import IN_CLUSTER_MASTER, SPARK_PORTS, SPARK_VERSION, run_stage, spark_application
 
 NS, IMAGE = "topoflow", "registry.example/topoflow:0.1.0"
 REPO = Path(__file__).resolve().parents[1]
@@ -130,6 +130,7 @@ def test_bigdl_training_runs_the_cli_in_the_bigdl_image(pvc):
     assert (spec["image"], spec["mainApplicationFile"], spec["sparkVersion"]) == (
         sparkapp.BIGDL_IMAGE, sparkapp.BIGDL_ENTRY, sparkapp.BIGDL_SPARK_VERSION)
     assert spec["sparkConf"] == {**SPARK_PORTS, **sparkapp.BIGDL_CONF}
+    assert spec["sparkConf"]["spark.driver.memoryOverhead"] == "4g"  # the JVM's heap is the least of the driver
     assert "/bigdl/share/dllib/lib/" in spec["sparkConf"]["spark.executor.extraClassPath"]
     entry = (REPO / "images" / "bigdl" / "driver.py").read_text()  # becomes `topoflow train --engine bigdl …`
     assert '[topoflow, "train", "--engine", "bigdl", *sys.argv[1:]]' in entry
@@ -140,12 +141,31 @@ def test_bigdl_training_runs_the_cli_in_the_bigdl_image(pvc):
     args = _parser().parse_args(["train", "--engine", "bigdl", *spec["arguments"]])
     assert args.command == "train" and args.resume == "auto" and args.no_progress
     sent = load_config(args.config, args.overrides + _STAGE_OVERRIDES["train"](args))
-    checkpoints = "/data/checkpoints/hlf" if pvc else "/tmp/checkpoints/hlf"  # on the volume, else the scratch
+    checkpoints = sent.train.checkpoint_dir  # on the volume, else the scratch; per settings
+    assert re.fullmatch(r"/data/checkpoints/hlf-[0-9a-f]{8}" if pvc else r"/tmp/checkpoints/hlf-[0-9a-f]{8}",
+                        checkpoints)
     assert sent.train.model_dump() == {**cfg.train.model_dump(), "checkpoint_dir": checkpoints}
     assert sent.spark.master == IN_CLUSTER_MASTER and SECRET not in json.dumps(obj)
     claims = [v for v in spec["volumes"] if "persistentVolumeClaim" in v]
     assert claims == ([{"name": "data", "persistentVolumeClaim": {"claimName": pvc}}] if pvc else [])
     assert {m["mountPath"] for m in spec["driver"]["volumeMounts"]} == {"/tmp", *(["/data"] if pvc else [])}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.output=out/models/{model}"], r"train.output is 'out/models/hlf', a path inside the driver's pod, which "
+                                          r"would lose the export when it ends\ngive an s3:// or root:// URL"),
+    (["train.data=file:///data/prepared"], r"(?s)train.data is 'file:///data/prepared', a path .* pipeline.pvc set"),
+])
+def test_bigdl_training_refuses_a_path_inside_the_driver(overrides, message):
+    base = ["train.engine=bigdl", "train.model=hlf", "train.data=s3://b/prepared", "train.output=s3://b/m"]
+
+    def build(*more):
+        return spark_application("train", load_config(overrides=[*base, *overrides, *more]), name="n", namespace=NS,
+                                 image=IMAGE, service_account="sa", secret=None)
+
+    with pytest.raises(ConfigError, match=message):
+        build()
+    build("pipeline.pvc=data", "pipeline.pvc_mount=/data", "train.output=/data/models/{model}")  # shared, kept
 
 
 def test_no_secret_value_reaches_the_cluster(k8s, monkeypatch):
@@ -249,7 +269,7 @@ def test_a_failed_submission_ends_the_wait_at_once(k8s):
     ("Traceback (most recent call last):\n  File \"x.py\", line 1\nValueError: v\nerror: chosen\n", "error: chosen"),
 ])
 def test_the_drivers_error_is_found_in_its_log(log, expected):
-    assert driver_error(log) == expected
+    assert printed_error(log) == expected
 
 
 def test_the_stand_in_serves_the_tail_of_the_driver_log(k8s):

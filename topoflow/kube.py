@@ -1,8 +1,9 @@
 """What topoflow's launchers share when they drive custom resources through the Kubernetes API
 (:mod:`topoflow.sparkapp`: SparkApplications; :mod:`topoflow.deploy`: InferenceServices; :mod:`topoflow.katib`:
 Experiments; :mod:`topoflow.tfjob`: TFJobs): the client, one call that turns the API server's refusals into errors
-saying what to fix, the poll loop that waits for an operator to move a resource along, the error a failed pod
-printed, and the pod of a training container (Katib trials and TFJob workers run alike). Imports the
+saying what to fix, the poll loop that waits for an operator to move a resource along, the deletion of one a launcher
+gives up on, the error a failed pod printed, and the pod of a training container (Katib trials, TFJob workers and the
+BigDL driver run alike: where their checkpoints go, which data and export URLs they share). Imports the
 ``kubernetes`` client (the ``pipeline`` extra) only when called.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import os
 import re
@@ -18,9 +20,10 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
+from urllib.parse import urlsplit
 
 from topoflow import images
-from topoflow.errors import TopoflowError
+from topoflow.errors import ConfigError, TopoflowError
 
 SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "access_key_id", "AWS_SECRET_ACCESS_KEY": "secret_access_key"}  # env <- key
 # in the Secret pipeline.s3_secret: how every pod topoflow creates gets its S3 keys
@@ -152,12 +155,33 @@ def training_pod(pc, container: dict, scratch: str | None = None) -> dict:
 
 def checkpoint_dir(cfg, scratch: str) -> str:
     """Where a training pod keeps ``train.checkpoint_dir``: on the volume ``pipeline.pvc`` when there is one (the
-    configured folder if it lies there, else ``<pvc_mount>/checkpoints/<model>``), so that a restarted pod continues
-    it; else in ``scratch``, the pod's own volume, which a restarted pod starts over in."""
+    configured folder if it lies there, else ``<pvc_mount>/checkpoints/<model>-<digest of the settings>``), so that a
+    restarted pod continues it; else in ``scratch``, the pod's own volume, which a restarted pod starts over in. The
+    digest of ``train.result_settings()`` makes a re-run with other settings (a new tuning result) start afresh
+    instead of failing on a checkpoint it cannot resume; the same settings resume, also on new data at the same URL."""
     tc, pc = cfg.train, cfg.pipeline
     root = (pc.pvc_mount if pc.pvc else scratch).rstrip("/")
     configured = tc.resolved(tc.checkpoint_dir)
-    return configured if configured.startswith(f"{root}/") else f"{root}/checkpoints/{tc.model}"
+    if configured.startswith(f"{root}/"):
+        return configured
+    digest = hashlib.sha256(json.dumps(tc.result_settings(), sort_keys=True).encode()).hexdigest()[:8]
+    return f"{root}/checkpoints/{tc.model}-{digest}"
+
+
+def require_shared(cfg, pods: str) -> None:
+    """Refuse a ``train.data`` or ``train.output`` that is a path inside ``pods`` (e.g. "each worker's pod"): such a
+    path is neither shared with the pipeline nor kept after the pod. A remote URL, or a path on the volume
+    ``pipeline.pvc`` (mounted in every training pod), is."""
+    tc, pc = cfg.train, cfg.pipeline
+    volume = pc.pvc_mount.rstrip("/") + "/"
+    for setting in ("data", "output"):
+        url = tc.resolved(getattr(tc, setting))
+        local = len(urlsplit(url).scheme) < 2 or url.startswith("file:")  # "C:" is a drive letter, not a scheme
+        if local and not (pc.pvc and url.removeprefix("file://").startswith(volume)):
+            raise ConfigError(f"train.{setting} is {url!r}, a path inside {pods}, which "
+                              f"{'does not hold it' if setting == 'data' else 'would lose the export when it ends'}"
+                              f"\ngive an s3:// or root:// URL, or a path under pipeline.pvc_mount ({pc.pvc_mount}) "
+                              "with pipeline.pvc set")
 
 
 def condition(obj: dict, kind: str) -> dict | None:
@@ -239,6 +263,18 @@ class TimedOut(TopoflowError):
     def __init__(self, last: dict):
         super().__init__("timed out")
         self.last = last
+
+
+def delete(crd, resource: Resource, namespace: str, name: str, log) -> None:
+    """Delete a resource a launcher gave up on (its operator's owner references take the pods along); a failure is
+    logged with the command to do it by hand, never raised: it would mask the reason for deleting."""
+    where = f"{resource.kind} {namespace}/{name}"
+    try:
+        call(crd, resource, "delete", namespace, crd.delete_namespaced_custom_object, name=name, missing_ok=True)
+        log(f"deleted {where}")
+    except TopoflowError as e:
+        log(f"could not delete {where}: {e}\ndelete it yourself: kubectl -n {namespace} delete "
+            f"{resource.kind.lower()} {name}")
 
 
 def wait(read: Callable[[], dict], describe: Callable[[dict], str], done: Callable[[dict], bool],

@@ -38,7 +38,6 @@ FAILURE_STATES = ("FAILED", "SUBMISSION_FAILED")
 # Spark names the driver's container so (Constants.DEFAULT_DRIVER_CONTAINER_NAME; the operator's
 # common.SparkDriverContainerName): naming it keeps the log read working when the pod has sidecars
 DRIVER_CONTAINER = "spark-kubernetes-driver"
-driver_error = kube.printed_error  # what a failed driver printed, from its log
 # BigDL training (train.engine bigdl): what the bigdl image (images/bigdl/Dockerfile) provides, all here so that a
 # change of the image is one edit. Its Spark is BigDL-dllib 2.4's pyspark 3.1.3 in the image's Python 3.9; its entry
 # file runs ``topoflow train --engine bigdl <arguments>``.
@@ -49,8 +48,13 @@ _BIGDL_LIB = "/usr/local/lib/python3.9/site-packages/bigdl/share"
 BIGDL_JARS = (f"{_BIGDL_LIB}/dllib/lib/bigdl-dllib-spark_3.1.3-2.4.0-jar-with-dependencies.jar:"
               f"{_BIGDL_LIB}/core/lib/all-2.4.0-20230420.050641-1.jar")  # the image's $BIGDL_CLASSPATH
 BIGDL_SPARK_VERSION = "3.1.3"
+# The driver pod's memory beyond spark.driver.memory (its JVM heap): BigDL's driver also runs topoflow's Python 3.11
+# TensorFlow process and a Python 3.9 one that holds the whole padded training set; Spark's default (10 % of the
+# heap, at least 384 MiB) would get the pod killed for memory
+BIGDL_DRIVER_OVERHEAD = "4g"
 BIGDL_CONF = {"spark.driver.extraClassPath": BIGDL_JARS, "spark.executor.extraClassPath": BIGDL_JARS,
               "spark.pyspark.python": BIGDL_PYTHON, "spark.pyspark.driver.python": BIGDL_PYTHON,
+              "spark.driver.memoryOverhead": BIGDL_DRIVER_OVERHEAD,
               # BigDL's own spark-bigdl.conf (init_spark_conf adds it locally; spark-submit does not): training
               # starts only when every executor is there, as BigDL places one model replica per executor
               "spark.scheduler.minRegisteredResourcesRatio": "1.0",
@@ -84,7 +88,7 @@ def run_stage(stage: str, cfg: Config, *, namespace: str, image: str, service_ac
         try:
             status = _wait(crd, namespace, name, timeout_s, poll_s, log)
         except BaseException:  # time-out, Ctrl-C, SIGTERM, API error: nobody would watch the job any more
-            _delete(crd, namespace, name, log)
+            kube.delete(crd, SPARK_APPLICATION, namespace, name, log)
             raise
     state = status["applicationState"]["state"]
     if state != "COMPLETED":
@@ -101,12 +105,15 @@ def spark_application(stage: str, cfg: Config, *, name: str, namespace: str, ima
                       secret: str | None, run_id: str | None = None) -> dict:
     """The SparkApplication running ``topoflow <stage>`` with ``cfg``'s settings, sized by ``cfg.spark``. Stage
     ``train`` is BigDL training (``train.engine`` bigdl) in the bigdl image: its Spark, its Python, BigDL's jars,
-    ``train.workers`` executors, checkpoints on ``pipeline.pvc`` when there is one (a rerun continues them)."""
+    ``train.workers`` executors, checkpoints on ``pipeline.pvc`` when there is one (a rerun continues them), its
+    data and export remote or on that volume (the driver reads and writes them)."""
     bigdl = stage == "train"
     if bigdl and cfg.train.engine != "bigdl":
         raise ConfigError(f"train.engine is {cfg.train.engine!r}: only the bigdl engine trains on Spark")
     if stage not in (*SPARK_STAGES, "train"):
         raise ConfigError(f"stage {stage!r} does not run on Spark; use one of {list(SPARK_STAGES)}")
+    if bigdl:
+        kube.require_shared(cfg, "the driver's pod")
     labels = {"app.kubernetes.io/name": "topoflow", "app.kubernetes.io/component": stage,
               "app.kubernetes.io/part-of": "topoflow", **({"topoflow/run-id": run_id} if run_id else {})}
     pod_security, container_security = kube.security_contexts(images.UID)
@@ -127,11 +134,12 @@ def spark_application(stage: str, cfg: Config, *, name: str, namespace: str, ima
     executor.update({k: v for k, v in (("cores", sc.executor_cores), ("instances", sc.executor_instances),
                                        ("memory", sc.executor_memory)) if v is not None})
     executor["coreRequest"] = executor["coreLimit"] = str(executor["cores"])  # Spark sets the memory limit itself
-    arguments = [stage, "--no-progress", *_settings(cfg)]
-    if bigdl:  # the entry file is `topoflow train --engine bigdl` already
+    settings = ["--no-progress", *_settings(cfg)]
+    if bigdl:  # the entry file runs `topoflow train --engine bigdl`: no stage in the arguments
         executor["instances"] = cfg.train.workers
-        arguments = [*arguments[1:], "--resume", "auto",
-                     "--set", f"train.checkpoint_dir={kube.checkpoint_dir(cfg, SCRATCH)}"]
+        arguments = [*settings, "--resume", "auto", "--set", f"train.checkpoint_dir={kube.checkpoint_dir(cfg, SCRATCH)}"]
+    else:
+        arguments = [stage, *settings]
     return {
         "apiVersion": SPARK_APPLICATION.api_version,
         "kind": SPARK_APPLICATION.kind,
@@ -179,13 +187,3 @@ def _wait(crd, namespace: str, name: str, timeout_s: float | None, poll_s: float
                             "deleting it\nallow more time (timeout_s) or give Spark more executors (spark.*)") from None
     return obj["status"]
 
-
-def _delete(crd, namespace: str, name: str, log) -> None:
-    """Delete the application (the operator's owner references take its pods along); never masks the reason."""
-    try:
-        kube.call(crd, SPARK_APPLICATION, "delete", namespace, crd.delete_namespaced_custom_object, name=name,
-                  missing_ok=True)
-        log(f"deleted SparkApplication {namespace}/{name}")
-    except TopoflowError as e:
-        log(f"could not delete SparkApplication {namespace}/{name}: {e}\n"
-            f"delete it yourself: kubectl delete sparkapplication -n {namespace} {name}")
