@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 import synthetic
-from conftest import train_config
+from conftest import free_port, train_config
 from topoflow.config import METRICS, StorageConfig
 from topoflow.errors import TopoflowError
 
@@ -115,6 +115,33 @@ def test_ctrl_c_stops_every_worker_and_resume_continues(prepared, tmp_path, caps
     assert resumed.epochs == 6 and json.loads((tmp_path / "model" / "model_card.json").read_text())["history"]
     out = capsys.readouterr().out
     assert "epoch=6 " in out and "epoch=1 " not in out, "continues after the checkpointed epochs"
+
+
+def test_a_worker_whose_peer_died_exits_to_be_restarted(prepared, tmp_path):
+    """In a TFJob only the dead pod goes: the other workers must end by themselves, with the code its ExitCode
+    policy retries. Two workers as a TFJob runs them (``topoflow train`` with ``TF_CONFIG``); one is SIGKILLed."""
+    from topoflow.engines.multiworker import PEER_LOST
+
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({"train": {
+        "data": str(prepared), "model": "hlf", "output": str(tmp_path / "model"), "epochs": 1000, "batch_size": 16,
+        "checkpoint_dir": str(tmp_path / "ckpt" / "{model}"), "engine": "multiworker", "workers": 2, "threads": 1}}))
+    hosts = [f"127.0.0.1:{free_port()}" for _ in range(2)]
+    command = [sys.executable, "-m", "topoflow.cli", "train", "--config", str(config), "--no-progress"]
+    workers = []
+    for i in range(2):
+        with open(tmp_path / f"worker-{i}.log", "wb") as log:
+            workers.append(subprocess.Popen(command, stdout=log, stderr=log, env=dict(os.environ, TF_CONFIG=json.dumps(
+                {"cluster": {"worker": hosts}, "task": {"type": "worker", "index": i}}))))
+    try:
+        _wait_for_epoch(tmp_path / "ckpt" / "hlf" / STATE, 1, workers[0])
+        workers[1].kill()
+        workers[0].wait(timeout=120)
+    finally:
+        for w in workers:
+            w.kill()
+            w.wait()
+    assert workers[0].returncode == PEER_LOST, (tmp_path / "worker-0.log").read_text(errors="replace")[-3000:]
 
 
 def _wait_for_epoch(state: Path, epoch: int, launcher: subprocess.Popen | None = None, timeout: float = 240) -> None:

@@ -117,11 +117,12 @@ def num_rows(url: str, cfg: StorageConfig) -> int:
 
 def tf_dataset(url: str, cfg: StorageConfig, batch_size: int, *, shuffle: bool = False, seed: int = 0,
                bucket: bool = False, max_particles: int = MAX_PARTICLES, inputs: tuple[str, ...] = INPUTS,
-               first_epoch: int = 0, parts: int = 1, keep: tuple[int, ...] = (0,)):
+               first_epoch: int = 0, parts: int = 1, keep: tuple[int, ...] = (0,), threads: int | None = None):
     """A ``tf.data.Dataset`` of ``({"hlf", "particles"}, labels)`` streaming from ``url``, prefetched.
     Epoch ``k`` (counted from ``first_epoch``, for resumed training) shuffles with seed ``seed + k``,
     so a resumed run sees the same data order as an uninterrupted one. ``parts``, ``keep``: slices of each
-    batch, see :func:`iter_batches`."""
+    batch, see :func:`iter_batches`. ``threads``: the size of tf.data's own thread pool (``train.threads``;
+    None: a thread per core, too many in a pod limited to fewer or beside other workers)."""
     from topoflow.tf import import_tensorflow
 
     tf = import_tensorflow()
@@ -136,4 +137,8 @@ def tf_dataset(url: str, cfg: StorageConfig, batch_size: int, *, shuffle: bool =
     signature = ({k: specs[k] for k in inputs}, tf.TensorSpec((None, len(CLASSES)), tf.float32))
     batches = -(-num_rows(url, cfg) // batch_size)  # every batch is full but the last
     ds = tf.data.Dataset.from_generator(generator, output_signature=signature)
+    if threads:
+        options = tf.data.Options()
+        options.threading.private_threadpool_size = threads
+        ds = ds.with_options(options)
     return ds.apply(tf.data.experimental.assert_cardinality(batches * len(keep))).prefetch(tf.data.AUTOTUNE)

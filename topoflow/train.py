@@ -1,5 +1,5 @@
-"""The training stage (imports TensorFlow: load it only to train): one of the three classifiers, streamed from a prepared dataset, on CPU or
-GPU(s), checkpointed every epoch, then exported for serving.
+"""The training stage (imports TensorFlow: load it only to train): one of the three classifiers, streamed from a
+prepared dataset, on CPU or GPU(s), checkpointed every epoch, then exported for serving.
 
 Resuming (``resume=True``) continues from the last completed epoch and reaches the same result as
 an uninterrupted run: the model file keeps the optimizer state, and epoch ``k`` always reads the
@@ -13,7 +13,6 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -47,24 +46,28 @@ class TrainResult:
     def table(self) -> str:
         last = {k: v[-1] for k, v in self.history.items() if v}
         metrics = "  ".join(f"{k}={v:.4f}" for k, v in sorted(last.items()))
-        return (f"model {self.model}: {_epochs(self.epochs)}, {self.samples_per_s:,.0f} samples/s\n{metrics}\n"
+        return (f"model {self.model}: {epochs_text(self.epochs)}, {self.samples_per_s:,.0f} samples/s\n{metrics}\n"
                 f"exported to {self.output}")
 
 
 def train(cfg: Config, resume: bool | str = False, restart: bool = False, show_progress: bool = True) -> TrainResult:
     """Train ``cfg.train.model`` on ``cfg.train.data`` and export it to ``cfg.train.output``.
     ``resume`` continues the checkpoint in ``checkpoint_dir`` ("auto": when there is one); ``restart``
-    discards it."""
+    discards it. An engine with a ``launch`` may run it its own way (see :mod:`topoflow.engines`)."""
+    tc = cfg.train
+    storage.check_output(tc.resolved(tc.output), "train", cfg.storage, inputs=[tc.data])
+    launch = getattr(engines.load(tc.engine), "launch", None)
+    if launch and (launched := launch(cfg, resume, restart, show_progress)) is not None:
+        return launched
+    return fit_and_export(cfg, resume, restart, show_progress)
+
+
+def fit_and_export(cfg: Config, resume: bool | str, restart: bool, show_progress: bool) -> TrainResult:
+    """:func:`train` in this process (for an engine's ``launch`` too): :func:`fit`, then the chief exports."""
     from topoflow.export import export
 
     tc = cfg.train
     output = tc.resolved(tc.output)
-    storage.check_output(output, "train", cfg.storage, inputs=[tc.data])
-    if tc.engine == "multiworker":
-        from topoflow.engines import multiworker
-
-        if (launched := multiworker.launch(cfg, resume, restart, show_progress)) is not None:
-            return launched  # this process started the workers; the chief among them exported
     fitted = fit(cfg, resume, restart, show_progress)
     if fitted.chief:
         export(fitted.model, output, cfg.storage, fitted.preprocessing, cfg, fitted.history)
@@ -123,9 +126,8 @@ def fit(cfg: Config, resume: bool | str = False, restart: bool = False, show_pro
             model = build(tc, total_steps=steps * tc.epochs)
     timer = _Timer()
     bar = chief and show_progress and sys.stdout.isatty()  # Keras' bar would fill log files with redraws
-    # a worker that is not the chief saves where the chief's files are not (a save may need every worker)
-    saves = ckpt if chief else Path(tempfile.mkdtemp(prefix="topoflow-worker-checkpoint-"))
-    callbacks = [_EpochSeeds(tc.seed), timer, _Checkpoint(saves, history, tc)]
+    # only the chief saves: a save reads each variable's local copy (no collective), the others resume from its files
+    callbacks = [_EpochSeeds(tc.seed), timer, _Checkpoint(ckpt if chief else None, history, tc)]
     if chief:
         callbacks += [_MetricLines(after_bar=bar), keras.callbacks.TensorBoard(str(ckpt / "logs"))]
     if on_epoch:
@@ -135,12 +137,7 @@ def fit(cfg: Config, resume: bool | str = False, restart: bool = False, show_pro
         try:
             measured = engine.train(model, Run(cfg, first_epoch, steps, callbacks, bar))
         except KeyboardInterrupt:
-            done = json.loads((ckpt / STATE).read_text())["epoch"] if (ckpt / STATE).exists() else 0
-            raise TopoflowError(f"training interrupted; {_epochs(done)} checkpointed in {ckpt}\n"
-                                "continue with: topoflow train --resume (same settings)") from None
-        finally:
-            if not chief:
-                shutil.rmtree(saves, ignore_errors=True)
+            raise interrupted(ckpt) from None
     return Fitted(model, pre, history, measured or timer.samples_per_s(tc.batch_size), chief)
 
 
@@ -180,7 +177,7 @@ def _checkpoint_state(ckpt: Path, tc: TrainConfig, resume: bool | str, restart: 
         raise TopoflowError(f"nothing to resume: no checkpoint in {ckpt}\nrun without --resume to start afresh")
     if not resume:
         if state is not None and not restart:
-            raise TopoflowError(f"a checkpoint of {_epochs(state['epoch'])} exists in {ckpt}\n"
+            raise TopoflowError(f"a checkpoint of {epochs_text(state['epoch'])} exists in {ckpt}\n"
                                 "continue it with --resume, or discard it and start afresh with --restart")
         return None
     now = tc.result_settings()
@@ -192,8 +189,19 @@ def _checkpoint_state(ckpt: Path, tc: TrainConfig, resume: bool | str, restart: 
     return state
 
 
-def _epochs(n: int) -> str:
+def epochs_text(n: int) -> str:
     return f"{n} epoch{'s' if n != 1 else ''}"
+
+
+def epochs_done(ckpt: Path) -> int:
+    """The epochs the checkpoint in ``ckpt`` holds."""
+    return json.loads((ckpt / STATE).read_text())["epoch"] if (ckpt / STATE).exists() else 0
+
+
+def interrupted(ckpt: Path) -> TopoflowError:
+    """The error of a training stopped by Ctrl-C or SIGTERM: how far it got and how to continue."""
+    return TopoflowError(f"training interrupted; {epochs_text(epochs_done(ckpt))} checkpointed in {ckpt}\n"
+                         "continue with: topoflow train --resume (same settings)")
 
 
 class _EpochSeeds(keras.callbacks.Callback):
@@ -228,16 +236,19 @@ class _Timer(keras.callbacks.Callback):
 
 
 class _Checkpoint(keras.callbacks.Callback):
-    """After every epoch: the model (with optimizer state) in a new file, then ``state.json`` naming
-    it, replaced atomically; a kill at any instant leaves a state and the model it names."""
+    """After every epoch: the metrics into ``history``, then (with a ``folder``: the chief) the model (with optimizer
+    state) in a new file, then ``state.json`` naming it, replaced atomically; a kill at any instant leaves a state
+    and the model it names."""
 
-    def __init__(self, folder: Path, history: dict, tc: TrainConfig):
+    def __init__(self, folder: Path | None, history: dict, tc: TrainConfig):
         super().__init__()
         self.folder, self.history, self.settings = folder, history, tc.result_settings()
 
     def on_epoch_end(self, epoch, logs=None):
         for k, v in (logs or {}).items():
             self.history.setdefault(k, []).append(float(v))
+        if self.folder is None:
+            return
         name = f"epoch-{epoch + 1:04d}.keras"
         self.model.save(self.folder / f".{name}.tmp.keras")
         os.replace(self.folder / f".{name}.tmp.keras", self.folder / name)

@@ -7,8 +7,16 @@ the hook tuning uses, export) is :mod:`topoflow.train`'s and the same for every 
 - ``is_chief()``: whether this process writes the checkpoint, metric lines and export (one process does);
 - ``train(model, run)``: run epochs ``run.first_epoch`` to ``tc.epochs`` of ``run.steps`` batches, calling
   ``run.callbacks`` (Keras callbacks; a custom loop wraps them in ``keras.callbacks.CallbackList`` and calls
-  epoch begin/end with the epoch's metrics, batch begin/end where it sees batches) and stopping when ``model.stop_training`` is set. Returns the training throughput
-  in samples/s when the engine measures it itself (else the batch callbacks' timing is used).
+  epoch begin/end with the epoch's metrics, batch begin/end where it sees batches) and stopping when
+  ``model.stop_training`` is set. Returns the training throughput in samples/s when the engine measures it
+  itself (else the batch callbacks' timing is used).
+
+and may have a fourth, for an engine whose training is more than this process:
+
+- ``launch(cfg, resume, restart, show_progress) -> TrainResult | None``: called first by
+  :func:`topoflow.train.train` with its arguments, to run the stage the engine's own way (start worker processes,
+  give a worker's failures the exit codes its restarts need) and return the result; None: this process runs
+  :func:`topoflow.train.fit_and_export`, as for an engine without ``launch``.
 """
 
 from __future__ import annotations

@@ -20,14 +20,10 @@ def is_chief() -> bool:
 
 def train(model, run) -> None:
     tc, sc = run.cfg.train, run.cfg.storage
-    common = dict(batch_size=tc.batch_size, inputs=INPUTS[tc.model])
+    common = dict(batch_size=tc.batch_size, inputs=INPUTS[tc.model], threads=tc.threads)
     train_ds = dataset.tf_dataset(storage.join(tc.data, "train"), sc, shuffle=True, seed=tc.seed, bucket=tc.bucket,
                                   first_epoch=run.first_epoch, **common)
     val_ds = dataset.tf_dataset(storage.join(tc.data, "validation"), sc, **common)
-    if tc.threads:  # tf.data's own pool would start a thread per core as well
-        options = tf.data.Options()
-        options.threading.private_threadpool_size = tc.threads
-        train_ds, val_ds = train_ds.with_options(options), val_ds.with_options(options)
     model.fit(train_ds, validation_data=val_ds, epochs=tc.epochs, initial_epoch=run.first_epoch,
               steps_per_epoch=tc.steps_per_epoch, shuffle=False, callbacks=run.callbacks,
               verbose=1 if run.verbose else 0)

@@ -10,13 +10,15 @@ Metrics are counted per worker and summed over all of them at the end of each ep
 are those of the whole batch, with the names and meaning of Keras ``fit``'s.
 
 Every worker runs the same number of steps (from the row counts, never by exhausting its input: a worker
-with one batch more would wait in a collective forever). Every worker saves the model each epoch, the chief
-into the checkpoint folder, which the others read to resume (shared on one machine, a PVC on Kubernetes).
+with one batch more would wait in a collective forever). The chief saves the model each epoch into the
+checkpoint folder, which the others read to resume (shared on one machine, a PVC on Kubernetes). A worker whose
+peer is gone exits :data:`PEER_LOST`, and the whole group restarts from that checkpoint.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -37,9 +39,15 @@ from topoflow.tf import import_tensorflow
 tf = import_tensorflow()
 import keras  # noqa: E402  (after import_tensorflow: see topoflow.tf)
 
-from topoflow.train import STATE, TrainResult, _epochs  # noqa: E402
+from topoflow.train import TrainResult, epochs_done, epochs_text, fit_and_export, interrupted  # noqa: E402
 
+log = logging.getLogger(__name__)
 PEER_LOST = 138  # a worker's exit code when another worker died: >= 128, what a TFJob (restartPolicy ExitCode) retries
+# what a collective raises when a peer is gone: Unavailable (the connection refused: seen in the variables'
+# first broadcast, the epoch agreement and a step), else a timeout, a peer's restart, or the operations its
+# failure cancelled
+PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.AbortedError,
+               tf.errors.CancelledError)
 
 
 def strategy(tc):
@@ -69,13 +77,9 @@ def train(model, run) -> None:
         def worker_input(context):
             local = context.num_replicas_in_sync // context.num_input_pipelines
             first = context.input_pipeline_id * local
-            ds = dataset.tf_dataset(url, sc, tc.batch_size, inputs=INPUTS[tc.model], parts=context.num_replicas_in_sync,
-                                    keep=tuple(range(first, first + local)), **options)
-            if tc.threads:  # tf.data's own pool would start a thread per core as well
-                threading_options = tf.data.Options()
-                threading_options.threading.private_threadpool_size = tc.threads
-                ds = ds.with_options(threading_options)
-            return ds
+            return dataset.tf_dataset(url, sc, tc.batch_size, inputs=INPUTS[tc.model], threads=tc.threads,
+                                      parts=context.num_replicas_in_sync, keep=tuple(range(first, first + local)),
+                                      **options)
 
         return distribution.distribute_datasets_from_function(worker_input)
 
@@ -106,9 +110,15 @@ def train(model, run) -> None:
 
     @tf.function
     def all_workers_sum(values):
-        local = len(distribution.extended.worker_devices)  # each local replica adds its share of the worker's sum
-        shares = distribution.run(lambda v: [x / local for x in v], args=(values,))
-        return [distribution.reduce("SUM", x, axis=None) for x in shares]
+        """Each worker's ``values`` summed over the workers. All replicas of a worker hold its values: only the
+        first contributes them (exact, where adding a share from each would not be)."""
+        local = len(distribution.extended.worker_devices)
+
+        def contribution(values):
+            first = tf.equal(tf.distribute.get_replica_context().replica_id_in_sync_group % local, 0)
+            return [tf.where(first, v, tf.zeros_like(v)) for v in values]
+
+        return [distribution.reduce("SUM", v, axis=None) for v in distribution.run(contribution, args=(values,))]
 
     def results(metrics) -> dict[str, float]:
         variables = [v for m in metrics for v in m.variables]
@@ -119,35 +129,34 @@ def train(model, run) -> None:
             m.reset_state()
         return values
 
-    epochs, squares, workers = (float(v) for v in all_workers_sum([tf.constant(x) for x in (
-        float(run.first_epoch), float(run.first_epoch) ** 2, 1.0)]))
+    epochs, squares, workers = (float(v) for v in all_workers_sum([tf.constant(x, tf.float64) for x in (
+        run.first_epoch, run.first_epoch ** 2, 1)]))
     if squares * workers != epochs ** 2:  # Cauchy-Schwarz: equal only when all workers start at the same epoch
-        raise TopoflowError(f"the workers would resume different epochs (this one: {run.first_epoch}): they do not "
-                            f"all see the chief's checkpoint\nput train.checkpoint_dir on storage every worker mounts "
-                            "(a PVC on Kubernetes)")
+        log.error("the workers would resume different epochs (this one: %d): a restarted worker read the checkpoint "
+                  "of an epoch before the chief's last one, or they do not share it; restarting them all\nif this "
+                  "repeats, put train.checkpoint_dir on storage every worker mounts (a PVC on Kubernetes)",
+                  run.first_epoch)
+        raise SystemExit(PEER_LOST)  # all read the checkpoint again
     callbacks = keras.callbacks.CallbackList(run.callbacks, model=model, add_progbar=run.verbose, verbose=1,
                                              epochs=tc.epochs, steps=run.steps)
     model.stop_training = False
     logs: dict[str, float] = {}
     callbacks.on_train_begin()
-    try:
-        for epoch in range(run.first_epoch, tc.epochs):
-            callbacks.on_epoch_begin(epoch)
-            batches = iter(train_data)  # a new pass: epoch k reads in the order seeded by seed + k
-            for s in range(run.steps):
-                callbacks.on_train_batch_begin(s)
-                train_step(batches, tf.constant(min(tc.batch_size, rows - s * tc.batch_size), tf.int64))
-                callbacks.on_train_batch_end(s)
-            logs = results(train_metrics)
-            batches = iter(validation_data)
-            for _ in range(validation_steps):
-                validation_step(batches)
-            logs |= {f"val_{k}": v for k, v in results(validation_metrics).items()}
-            callbacks.on_epoch_end(epoch, logs)
-            if model.stop_training:
-                break
-    except tf.errors.UnavailableError as e:  # a peer is gone: all restart from the checkpoint
-        raise SystemExit(PEER_LOST) from e
+    for epoch in range(run.first_epoch, tc.epochs):
+        callbacks.on_epoch_begin(epoch)
+        batches = iter(train_data)  # a new pass: epoch k reads in the order seeded by seed + k
+        for s in range(run.steps):
+            callbacks.on_train_batch_begin(s)
+            train_step(batches, tf.constant(min(tc.batch_size, rows - s * tc.batch_size), tf.int64))
+            callbacks.on_train_batch_end(s)
+        logs = results(train_metrics)
+        batches = iter(validation_data)
+        for _ in range(validation_steps):
+            validation_step(batches)
+        logs |= {f"val_{k}": v for k, v in results(validation_metrics).items()}
+        callbacks.on_epoch_end(epoch, logs)
+        if model.stop_training:
+            break
     callbacks.on_train_end(logs)
 
 
@@ -159,17 +168,20 @@ def _metrics(model, loss) -> list:
 
 
 def launch(cfg: Config, resume: bool | str, restart: bool, show_progress: bool) -> TrainResult | None:
-    """Train with ``train.workers`` local worker processes and return the chief's result; None in a worker itself
-    (``TF_CONFIG`` set) or with one worker (then this process is the only one). The chief's metric lines come
-    to stdout (its progress is those lines: ``show_progress`` does not apply), all workers' logs go to
-    ``<checkpoint_dir>.workers/``.
+    """Train with ``train.workers`` local worker processes and return the chief's result; None with one worker
+    (then this process is the only one). The chief's metric lines come to stdout (its progress is those lines:
+    ``show_progress`` does not apply), all workers' logs go to ``<checkpoint_dir>.workers/``.
     A worker killed by a signal or exiting with a code >= 128 (what a TFJob with restartPolicy ExitCode retries)
     restarts all of them from the chief's checkpoint, at most ``pipeline.train_restarts`` times; codes 1-127 are
-    permanent failures."""
+    permanent failures.
+    In a worker itself (``TF_CONFIG`` set: a TFJob's pod, or a process started here) it trains as that worker."""
     tc = cfg.train
-    if "TF_CONFIG" in os.environ or tc.workers == 1:
+    if "TF_CONFIG" in os.environ:
+        return _as_worker(cfg, resume, restart, show_progress)
+    if tc.workers == 1:
         return None
-    folder = Path(f"{tc.resolved(tc.checkpoint_dir)}.workers")  # the workers' logs, kept until the next run
+    ckpt = Path(tc.resolved(tc.checkpoint_dir))
+    folder = Path(f"{ckpt}.workers")  # the workers' logs, kept until the next run
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     data = cfg.model_dump()
@@ -185,13 +197,11 @@ def launch(cfg: Config, resume: bool | str, restart: bool, show_progress: bool) 
                 raise TopoflowError(_failure(folder, index, code, restarts))
             restarts += 1
             print(f"worker {index} {_ended(code)}; restarting the {tc.workers} workers from the checkpoint "
-                  f"({_epochs(_epochs_done(cfg))} done), restart {restarts} of {cfg.pipeline.train_restarts}",
+                  f"({epochs_text(epochs_done(ckpt))} done), restart {restarts} of {cfg.pipeline.train_restarts}",
                   flush=True)
             resume, restart = "auto", False
     except KeyboardInterrupt:
-        raise TopoflowError(f"training interrupted; {_epochs(_epochs_done(cfg))} checkpointed in "
-                            f"{tc.resolved(tc.checkpoint_dir)}\ncontinue with: topoflow train --resume (same settings)"
-                            ) from None
+        raise interrupted(ckpt) from None
     finally:
         (folder / "config.json").unlink()  # the logs stay for a failed run, the settings and their secrets go
     return TrainResult(**json.loads((folder / "result.json").read_text()))
@@ -257,15 +267,20 @@ def _ended(code: int) -> str:
     return f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
 
 
-def _epochs_done(cfg: Config) -> int:
-    state = Path(cfg.train.resolved(cfg.train.checkpoint_dir)) / STATE
-    return json.loads(state.read_text())["epoch"] if state.exists() else 0
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _as_worker(cfg: Config, resume: bool | str, restart: bool, show_progress: bool) -> TrainResult:
+    """Train as one worker of the group. Every collective can find a peer gone (the model's first broadcast, the
+    epoch agreement, a step, the metric sums): exit :data:`PEER_LOST` then, so that the group restarts."""
+    try:
+        return fit_and_export(cfg, resume, restart, show_progress)
+    except PEER_ERRORS as e:
+        log.error("a peer worker is gone (%s: %s); exiting %d to restart the group", type(e).__name__, e, PEER_LOST)
+        raise SystemExit(PEER_LOST) from e
 
 
 def _worker(folder: Path, resume: bool | str, restart: bool) -> int:
