@@ -103,14 +103,16 @@ def test_physics_sanity(ingested):
     assert hlf["qcd"][:, iso].sum(axis=1).mean() > hlf["wjets"][:, iso].sum(axis=1).mean()
 
 
-def test_validation_plots_compare_with_real_delphes(generated, delphes_dir, tmp_path):
+def test_validation_compares_with_real_delphes(generated, delphes_dir, tmp_path):
     from topoflow.config import StorageConfig
-    from topoflow.generate.validate import observables, validation_plots
+    from topoflow.generate.validate import observables, validate
 
     _, out = generated
-    paths = validation_plots(str(out), str(delphes_dir), tmp_path, StorageConfig())
-    assert [p.name for p in paths] == ["validation_qcd.png", "validation_ttbar.png", "validation_wjets.png"]
-    assert all(p.stat().st_size > 20_000 for p in paths)
+    paths, table = validate(str(out), str(delphes_dir), tmp_path, StorageConfig())
+    assert [p.name for p in paths] == ["validation_qcd.png", "validation_ttbar.png", "validation_wjets.png",
+                                       "validation.md", "validation.json"]
+    assert all(p.stat().st_size > 20_000 for p in paths[:3])
+    assert table.count("| nJets ") == 3
     gen = observables([str(p) for p in sorted(out.glob("ttbar_*.root"))], StorageConfig())
     real = observables([str(delphes_dir / "ttbar_cms_60ev.root")], StorageConfig())
     ratio = np.median(gen["n_tracks"]) / np.median(real["n_tracks"])

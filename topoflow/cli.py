@@ -270,7 +270,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, help="base seed (generate.seed)")
     gen.add_argument("--workers", type=int, help="parallel processes (generate.workers)")
     gen.add_argument("--validate", action="store_true",
-                     help="then plot generated vs real Delphes distributions per class (generate.reference)")
+                     help="then compare generated with real Delphes events per class (generate.reference): "
+                          "plots, and a table of means with KS tests (printed, and in generate.validation_dir)")
 
     ing = stage("ingest", "Delphes ROOT files → selected events with features", _INGEST_HELP, _run_ingest, writes, spark)
     ing.add_argument("--dataset", action="append", default=[], metavar="CLASS=URL",
@@ -416,12 +417,14 @@ def _run_generate(config: Config, args) -> None:
     if args.validate:
         from pathlib import Path
 
-        from topoflow.generate.validate import validation_plots
+        from topoflow.generate.validate import validate
 
         gc = config.generate
         Path(gc.validation_dir).mkdir(parents=True, exist_ok=True)
-        for path in validation_plots(gc.output, gc.reference, Path(gc.validation_dir), config.storage):
-            print(f"validation plot: {path}")
+        paths, table = validate(gc.output, gc.reference, Path(gc.validation_dir), config.storage)
+        print(table)
+        for path in paths:
+            print(f"validation: {path}")
 
 
 def _run_ingest(config: Config, args) -> None:
