@@ -84,10 +84,13 @@ def test_ingestion_selects_events_of_every_class(ingested):
     assert frac["qcd"] < frac["ttbar"] < frac["wjets"], "isolated-lepton selection: QCD lowest, as in the original"
 
 
-def test_fake_electrons_are_jets_turned_into_electrons(generated):
+def test_fake_leptons_are_jets_turned_into_electrons_or_muons(generated):
     _, out = generated
-    fake = uproot.open(sorted(out.glob("qcd_fake_*.root"))[0])["Delphes"].arrays(["Electron.PT", "Electron.Eta"])
-    assert ak.mean(ak.num(fake["Electron.PT"]) >= 1) > 0.6, "most events have a central jet to fake an electron"
+    fake = uproot.open(sorted(out.glob("qcd_fake_*.root"))[0])["Delphes"].arrays(
+        ["Electron.PT", "Electron.Eta", "Muon.PT", "Muon.Eta"])
+    electrons, muons = ak.num(fake["Electron.PT"]), ak.num(fake["Muon.PT"])
+    assert ak.mean(electrons + muons >= 1) > 0.6, "most events have a central jet to fake a lepton"
+    assert 0.3 < ak.sum(muons) / ak.sum(electrons + muons) < 0.7, "both flavours, as in real QCD"
     assert ak.all(np.abs(ak.flatten(fake["Electron.Eta"])) < 2.5)
 
 

@@ -27,10 +27,12 @@ CACHE = Path(os.environ.get("TOPOFLOW_TEST_CACHE", Path.home() / ".cache" / "top
 
 def _generated(cfg: Config) -> Path:
     """The generated ROOT files, made once per generator version, settings and seed: a cache keyed
-    by the generator's source, so that a change to the generator regenerates them."""
+    by the source of the modules that make events (not ``validate.py``, which only reads them), so that
+    a change to the generator regenerates them."""
     from topoflow import generate
 
-    source = b"".join(p.read_bytes() for p in sorted(Path(generate.__file__).parent.glob("*.py")))
+    modules = sorted(p for p in Path(generate.__file__).parent.glob("*.py") if p.name != "validate.py")
+    source = b"".join(p.read_bytes() for p in modules)
     key = hashlib.sha256(source + cfg.generate.model_dump_json(exclude={"output", "workers"}).encode()).hexdigest()
     cfg.generate.output = str(CACHE / f"generated-{key[:16]}")
     if not (Path(cfg.generate.output) / "_manifest.json").exists():

@@ -135,7 +135,7 @@ class GenerateConfig(_Section):
     seed: int = Field(1, description="base seed: each file's seed derives from it, the class and the file number")
     workers: int | None = Field(None, ge=1, description="parallel processes (default: all cores)")
     qcd_fake_fraction: float = Field(0.5, ge=0, le=1, description="share of QCD events whose lepton is a "
-                                     "jet faking an electron (the rest: semileptonic heavy-flavour decays)")
+                                     "jet faking an electron or a muon (the rest: semileptonic heavy-flavour decays)")
     reference: str = Field("../shared/data/delphes", description="real Delphes files <class>_*.root for --validate")
     validation_dir: str = Field("out/validation", description="local folder for the validation plots")
 

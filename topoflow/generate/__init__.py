@@ -48,7 +48,7 @@ def make_file(process: str, index: int, n: int, seed: int, url: str, cfg: Storag
 
     t0, stats = time.process_time(), {}
     batch = list(pythia.events(process, seed, n, stats))
-    arrays = detector.simulate(batch, np.random.default_rng(seed), fake_electrons=process == "qcd_fake")
+    arrays = detector.simulate(batch, np.random.default_rng(seed), fake_leptons=process == "qcd_fake")
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, "events.root")
         writer.write(local, arrays)

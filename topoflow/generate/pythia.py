@@ -2,11 +2,12 @@
 filter of the original samples (≥ 1 final-state e or μ with pT > 20 GeV, |η| < 2.5).
 
 QCD is a *defined* sample of the two ways a single-lepton trigger sees multijet events:
-``qcd``, heavy-flavour production (gg/qq̄ → bb̄, p̂T > 30 GeV) with the b hadrons forced to decay
-semileptonically (real leptons, mostly inside jets), and ``qcd_fake``, inclusive QCD
-(p̂T > 30 GeV) in which the detector simulation turns the leading central jet into an electron
-candidate (a jet faking a lepton). Both are unweighted and conditional on the lepton being there,
-~1,000× faster than filtering inclusive QCD; their mixture is ``generate.qcd_fake_fraction``.
+``qcd``, heavy-flavour production (gg/qq̄ → bb̄) with the b hadrons forced to decay semileptonically
+(real leptons, mostly inside jets), and ``qcd_fake``, inclusive QCD in which the detector simulation
+turns the leading central jet into an electron or a muon candidate (a jet faking a lepton). Both
+use p̂T > 50 GeV, as the real Delphes QCD sample does. Both are unweighted and conditional on the
+lepton being there, ~1,000× faster than filtering inclusive QCD; their mixture is
+``generate.qcd_fake_fraction``.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ PROCESSES = {
     "ttbar": ["Top:gg2ttbar = on", "Top:qqbar2ttbar = on"],
     "wjets": ["WeakBosonAndParton:qqbar2Wg = on", "WeakBosonAndParton:qg2Wq = on", "PhaseSpace:pTHatMin = 20.",
               "24:onMode = off", "24:onIfAny = 11 13 15"],
-    "qcd": ["HardQCD:hardbbbar = on", "PhaseSpace:pTHatMin = 30."]
+    "qcd": ["HardQCD:hardbbbar = on", "PhaseSpace:pTHatMin = 50."]
     + [s for b in _B_HADRONS for s in (f"{b}:onMode = off", f"{b}:onIfAny = 11 13")],
     # Inclusive QCD for the jet→electron fake component: the fake is the trigger lepton, no filter.
-    "qcd_fake": ["HardQCD:all = on", "PhaseSpace:pTHatMin = 30."],
+    "qcd_fake": ["HardQCD:all = on", "PhaseSpace:pTHatMin = 50."],
 }
 UNFILTERED = {"qcd_fake"}
 FILTER_PT, FILTER_ETA = 20.0, 2.5
