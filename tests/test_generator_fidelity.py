@@ -65,19 +65,6 @@ def test_every_distribution_passes_a_two_sample_test(generated, delphes_dir, cls
 def test_qcd_leptons_are_electrons_and_muons(generated, delphes_dir):
     """The real QCD events that pass the selection hold 2 electrons and 2 muons (and, before isolation, 14
     events have an electron above 23 GeV and 22 a muon): the generated ones must hold both, about equally."""
-    from pathlib import Path
-
-    from topoflow import delphes, features
-
-    def muon_share(urls):
-        is_electron = []
-        for url in urls:
-            info = delphes.probe(str(url), StorageConfig())
-            for _, arrays in delphes.read_batches(info, StorageConfig(), 0, info.entries, 2000):
-                is_electron.append(features.compute(arrays).hlf[:, features.HLF_NAMES.index("isEle")])
-        return 1 - np.concatenate(is_electron).mean()
-
-    real = muon_share(sorted(delphes_dir.glob("qcd_*.root")))
-    gen = muon_share(sorted(Path(generated).glob("qcd_*.root")))
-    assert real == 0.5
-    assert 0.35 < gen < 0.65, f"generated QCD: {gen:.0%} of the selected leptons are muons"
+    gen, real = _samples(generated, delphes_dir, "qcd")
+    assert real["lepton_muon"].mean() == 0.5
+    assert 0.35 < gen["lepton_muon"].mean() < 0.65, f"generated QCD: {gen['lepton_muon'].mean():.0%} muons"

@@ -29,6 +29,7 @@ OBSERVABLES = {
     "mt": ("MT [GeV]", "MT(lepton, MET) [GeV]", np.linspace(0, 200, 21)),
     "lepton_pt": ("lepton pT [GeV]", "selected lepton pT [GeV]", np.linspace(0, 200, 21)),
     "lepton_iso": ("lepton isolation", "selected lepton isolation (sum)", np.linspace(0, 0.45, 16)),
+    "lepton_muon": ("lepton is a muon", "selected lepton: 0 electron, 1 muon", np.array([-0.5, 0.5, 1.5])),
     "n_tracks": ("tracks", "tracks (pT > 0.5 GeV, as ingested)", np.arange(0, 301, 15)),
     "n_photons": ("photons", "photons (ET > 1 GeV, as ingested)", np.arange(0, 151, 7.5)),
     "n_neutrals": ("neutral hadrons", "neutral hadrons (ET > 1 GeV, as ingested)", np.arange(0, 151, 7.5)),
@@ -53,6 +54,7 @@ def observables(urls: list[str], cfg: StorageConfig) -> dict[str, np.ndarray]:
             for name, col in (("ht", 0), ("met", 1), ("mt", 3), ("n_jets", 4), ("n_bjets", 5), ("lepton_pt", 6)):
                 out[name].append(f.hlf[:, col])
             out["lepton_iso"].append(f.hlf[:, 9:12].sum(axis=1))
+            out["lepton_muon"].append(1 - f.hlf[:, features.HLF_NAMES.index("isEle")])
             for name, col in (("n_tracks", 13), ("n_neutrals", 14), ("n_photons", 15)):  # isChHad, isNeuHad, isGamma
                 out[name].append(np.bincount(owner, weights=f.particles[:, col], minlength=len(f.events)))
             out["n_particles"].append(f.counts.astype(np.float64))
@@ -166,7 +168,10 @@ def _plot(c: str, gen: dict, ref: dict, out_dir: Path) -> Path:
     import mplhep
 
     with plt.style.context(mplhep.style.CMS):
-        fig, axes = plt.subplots(3, 4, figsize=(26, 17))
+        rows = -(-len(OBSERVABLES) // 4)
+        fig, axes = plt.subplots(rows, 4, figsize=(26, 5.7 * rows))
+        for ax in axes.flat[len(OBSERVABLES):]:
+            ax.set_axis_off()
         for ax, (name, (_, label, bins)) in zip(axes.flat, OBSERVABLES.items()):
             for values, what, style in ((ref[name], "real Delphes", dict(histtype="stepfilled", alpha=0.35)),
                                         (gen[name], "topoflow generate", dict(histtype="step", lw=2))):
@@ -178,7 +183,7 @@ def _plot(c: str, gen: dict, ref: dict, out_dir: Path) -> Path:
             ax.tick_params(labelsize=13)
             ax.locator_params(axis="x", nbins=6)
             ax.legend(fontsize=14)
-        note = ("QCD here: heavy-flavour (bb̄) dijets, b hadrons decaying semileptonically (100 %)"
+        note = ("QCD here: bb̄ dijets with semileptonic b decays, and jets faking an electron or a muon"
                 if c == "qcd" else "")
         fig.suptitle(f"{CLASS_TITLES[c]}, selected events: generated vs real Delphes. {note}", fontsize=20)
         fig.tight_layout()
