@@ -26,7 +26,7 @@ _GENERATE_HELP = """\
 Simulate events of each class with Pythia 8 at 13 TeV and topoflow's fast CMS-like detector
 simulation, and write Delphes-format ROOT files that `topoflow ingest` reads like real Delphes.
 tt̄ and W(→ℓν)+jets as in the original samples; QCD as a defined mixture of semileptonic heavy
-flavour and jets faking electrons (generate.qcd_fake_fraction; see the README). Every event passes the generator lepton filter (an e or μ with
+flavour and jets faking electrons or muons (generate.qcd_fake_fraction; see the README). Every event passes the generator lepton filter (an e or μ with
 pT > 20 GeV, |η| < 2.5). The same seed gives the same files.
 
 examples:

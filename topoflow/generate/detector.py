@@ -23,8 +23,8 @@ import awkward as ak
 import numpy as np
 
 from topoflow.extras import require
-from topoflow.generate import calorimeter
 from topoflow.features import delta_phi
+from topoflow.generate import calorimeter
 
 CARD = {
     # Tracker: |η| < 2.5, pT > 0.1 GeV; efficiency for pT ≤ 1, ≤ 100, above, in |η| ≤ 1.5 and ≤ 2.5

@@ -26,7 +26,7 @@ PROCESSES = {
               "24:onMode = off", "24:onIfAny = 11 13 15"],
     "qcd": ["HardQCD:hardbbbar = on", "PhaseSpace:pTHatMin = 50."]
     + [s for b in _B_HADRONS for s in (f"{b}:onMode = off", f"{b}:onIfAny = 11 13")],
-    # Inclusive QCD for the jet→electron fake component: the fake is the trigger lepton, no filter.
+    # Inclusive QCD for the jet→lepton fake component: the fake is the trigger lepton, no filter.
     "qcd_fake": ["HardQCD:all = on", "PhaseSpace:pTHatMin = 50."],
 }
 UNFILTERED = {"qcd_fake"}
