@@ -1,6 +1,7 @@
 """The classifiers on generated events (twice the `make run` dataset: about 4,000 selected events
-per class after balancing): each model trains, all beat chance clearly, and the inclusive model is
-not worse than the HLF one, judged against the test split's own statistical spread.
+per class after balancing): each model trains, all beat chance clearly, the inclusive model is
+not worse than the HLF one, judged against the test split's own statistical spread, and both, trained
+on generated events only, separate the real Delphes tt̄ and W+jets events of the shared samples.
 
 The size matters: the inclusive model gains more from data than the HLF one. Its mean AUC trails
 by ≈ 0.010 with 800 training events per class and ≈ 0.005 with 1,600, and leads with 3,200
@@ -41,6 +42,17 @@ def _generated(cfg: Config) -> Path:
 
 
 @pytest.fixture(scope="module")
+def real_ingested(spark, delphes_dir, tmp_path_factory) -> str:
+    from conftest import ingest_config
+    from topoflow.ingest import ingest
+
+    out = str(tmp_path_factory.mktemp("real") / "ingested")
+    ingest(ingest_config({c: [str(delphes_dir / f"{c}_cms_60ev.root")] for c in CLASSES}, out), spark,
+           show_progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
 def generated_prepared(spark, tmp_path_factory):
     from topoflow.ingest import ingest
     from topoflow.prepare import prepare
@@ -77,13 +89,18 @@ def test_each_model_trains_a_few_steps(generated_prepared, tmp_path, model):
     assert card["history"]["loss"][0] < np.log(3) * 1.2, "a few steps already move the loss off chance"
 
 
-def test_models_beat_chance_and_inclusive_is_not_worse(generated_prepared, tmp_path):
+def test_models_beat_chance_and_inclusive_is_not_worse(generated_prepared, real_ingested, tmp_path):
     from topoflow.evaluate import metrics, predict
 
     probs = {}
     for model in ("hlf", "inclusive"):
         cfg = _train(generated_prepared, tmp_path, model, epochs=20)
         y, probs[model], _ = predict(cfg.train.resolved(cfg.train.output), str(generated_prepared), cfg)
+        # Trained on generated events only, the model still separates real Delphes tt̄ and W+jets (33 and 46
+        # selected events). Before issue 14 the HLF model reached 0.89 on real W+jets (0.99 on generated).
+        y_real, p_real, _ = predict(cfg.train.resolved(cfg.train.output), real_ingested, cfg)
+        real_auc = metrics(y_real, p_real)["auc"]
+        assert real_auc["ttbar"] > 0.92 and real_auc["wjets"] > 0.92, (model, "real Delphes", real_auc)
     aucs = {m: metrics(y, p)["auc"] for m, p in probs.items()}
     for m, auc in aucs.items():
         assert all(auc[c] > 0.95 for c in CLASSES), (m, auc)
