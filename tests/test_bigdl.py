@@ -82,19 +82,44 @@ def test_a_stopped_run_resumes_to_the_end(prepared, tmp_path):
     assert result.history["val_auc"][1] >= stopped.history["val_auc"][0] - 0.02
 
 
+def _worker():
+    """The worker module (it runs under the BigDL environment's Python; its numpy parts load here too)."""
+    import importlib.util
+
+    from topoflow.engines import bigdl
+
+    spec = importlib.util.spec_from_file_location("bigdl_worker", bigdl.WORKER)
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+    return worker
+
+
+def test_training_metrics_use_a_fixed_sample_of_whole_events():
+    worker = _worker()
+    lengths = np.arange(40) % 7
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    rows = np.arange(offsets[-1] * 19, dtype=np.float32).reshape(-1, 19)
+    split = {"labels": np.arange(40) % 3, "hlf": np.arange(40 * 14, dtype=np.float32).reshape(40, 14),
+             "rows": rows, "offsets": offsets, "length": 6}
+    part = worker.subset(split, 10, seed=42)
+    assert len(part["labels"]) == 10 and part["length"] == 6
+    events = (part["hlf"][:, 0] / 14).astype(int)  # which events were drawn
+    assert len(set(events)) == 10 and (part["labels"] == split["labels"][events]).all()
+    for k, e in enumerate(events):
+        np.testing.assert_array_equal(part["rows"][part["offsets"][k]:part["offsets"][k + 1]],
+                                      rows[offsets[e]:offsets[e + 1]])
+    np.testing.assert_array_equal(worker.subset(split, 10, seed=42)["hlf"], part["hlf"])
+    assert worker.subset(split, 40, seed=1) is split
+
+
 @pytest.mark.parametrize("model", ["hlf", "gru", "inclusive"])
 def test_weights_cross_between_keras_and_bigdl_layouts_losslessly(model):
     """BigDL starts (and resumes) from the Keras model's weights in its own layout: ``to_bigdl`` must be the
     exact inverse of ``to_keras``, which the export test shows right (the export computes what BigDL did)."""
-    import importlib.util
-
     from topoflow.config import TrainConfig
-    from topoflow.engines import bigdl
     from topoflow.models import build
 
-    spec_ = importlib.util.spec_from_file_location("bigdl_worker", bigdl.WORKER)
-    worker = importlib.util.module_from_spec(spec_)
-    spec_.loader.exec_module(worker)
+    worker = _worker()
     tc = TrainConfig(model=model, engine="bigdl", gru_units=5)
     weights = [np.random.default_rng(i).normal(size=w.shape).astype(np.float32)
                for i, w in enumerate(build(tc).get_weights())]

@@ -14,9 +14,10 @@ Differences from the Keras engine, all BigDL's:
   checkpoint when resuming (the weights do);
 - ``train.seed`` seeds the initial weights (the Keras model's, which BigDL starts from), not BigDL's data order
   or dropout masks: two BigDL runs of the same settings differ slightly;
-- metrics are computed from BigDL's predictions after each epoch: ``loss``/``accuracy``/``auc`` on the whole
-  train split with the epoch's final weights (Keras reports running means during the epoch), AUC exact rather
-  than Keras' 200-threshold approximation;
+- metrics are computed from BigDL's predictions after each epoch, with the epoch's final weights (Keras
+  reports running means during the epoch): ``val_*`` on the whole validation split, ``loss``/``accuracy``/``auc``
+  on a fixed, seeded sample of the train split as large as the validation split (not a second pass over all
+  of it); AUC exact rather than Keras' 200-threshold approximation;
 - the data are read by the Spark driver and sent to the executors: the training set must fit in its memory
   (padded to the longest event: 61 KB per event at 801 particles); ``steps_per_epoch`` is not supported;
   ``batch_size`` must be a multiple of the cores BigDL trains on (``workers`` locally).
@@ -84,7 +85,7 @@ def train(model, run) -> float:
                 "master": None if os.environ.get("PYSPARK_GATEWAY_PORT") else f"local[{tc.workers}]",
                 "first_epoch": run.first_epoch,
                 **{s: _local_files(storage.join(tc.data, s), sc, Path(downloads) / s) for s in ("train", "validation")},
-                **tc.model_dump(include={"epochs", "batch_size", "learning_rate", "lr_schedule", "dropout",
+                **tc.model_dump(include={"seed", "epochs", "batch_size", "learning_rate", "lr_schedule", "dropout",
                                          "gru_units", "hlf_units", "dense_units"})}
         with open(spec["weights"], "wb") as f:
             np.savez(f, *model.get_weights())

@@ -55,6 +55,9 @@ def main(spec_file):
     adam = Adam(lr=spec["learning_rate"])
     model.compile(optimizer=adam, loss="categorical_crossentropy")
     train_rdd, val_rdd = (samples(sc, split, length, spec["model"]) for split in (train, validation))
+    # Training metrics from a fixed sample as large as the validation split, not a second pass over all of it.
+    scored = subset(train, len(validation["labels"]), spec["seed"])
+    scored_rdd = samples(sc, scored, length, spec["model"])
     send({"ready": {"cores": nodes * cores, "events": len(train["labels"]), "length": length}})
     for epoch in range(spec["first_epoch"], spec["epochs"]):
         if not sys.stdin.readline():
@@ -65,12 +68,12 @@ def main(spec_file):
         model.fit(train_rdd, batch_size=spec["batch_size"], nb_epoch=1)
         seconds = time.perf_counter() - start
         keras_weights = to_keras(spec, model.get_weights())
-        probabilities = {name: predict(model, rdd) for name, rdd in (("train", train_rdd), ("validation", val_rdd))}
+        probabilities = {name: predict(model, rdd) for name, rdd in (("train", scored_rdd), ("validation", val_rdd))}
         path = os.path.join(spec["out"], "epoch.npz")
         with open(path + ".tmp", "wb") as f:
             np.savez(f, *keras_weights, val_probabilities=probabilities["validation"])
         os.replace(path + ".tmp", path)
-        metrics = {**scores(train["labels"], probabilities["train"], ""),
+        metrics = {**scores(scored["labels"], probabilities["train"], ""),
                    **scores(validation["labels"], probabilities["validation"], "val_")}
         send({"epoch": epoch, "weights": path, "metrics": metrics, "samples_per_s": len(train["labels"]) / seconds})
     sc.stop()
@@ -169,6 +172,19 @@ def to_keras(spec, weights):
         ur, uz = np.split(u_rz.T, 2, axis=1)
         out += [np.concatenate([wz, wr, wh], axis=1), np.concatenate([uz, ur, u_h.T], axis=1)]
     return out + [np.ascontiguousarray(w.T) for w in weights]
+
+
+def subset(split, n, seed):
+    """``n`` events of ``split`` drawn with ``seed`` (the whole split when it holds no more)."""
+    if len(split["labels"]) <= n:
+        return split
+    idx = np.sort(np.random.default_rng(seed).choice(len(split["labels"]), n, replace=False))
+    out = {"labels": split["labels"][idx], "hlf": split["hlf"][idx], "length": split["length"]}
+    if "rows" in split:
+        pieces = [split["rows"][split["offsets"][i]:split["offsets"][i + 1]] for i in idx]
+        out["rows"] = np.concatenate(pieces)
+        out["offsets"] = np.concatenate([[0], np.cumsum([len(p) for p in pieces])])
+    return out
 
 
 def samples(sc, split, length, kind):
