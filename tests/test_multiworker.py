@@ -179,3 +179,36 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+@pytest.mark.parametrize("ignores_term", [False, True])
+def test_a_worker_group_is_ended_whole(ignores_term):
+    """``end_group``, which both launchers use: the worker and what it started end, with a grace period for
+    SIGTERM and SIGKILL after it (a worker that ignores SIGTERM, as a busy JVM may, is killed)."""
+    from topoflow.engines import end_group
+
+    trap = "trap '' TERM; " if ignores_term else ""
+    proc = subprocess.Popen(["sh", "-c", f"{trap}sleep 60 & {trap}sleep 60 & wait"], start_new_session=True)
+    time.sleep(0.3)
+    start = time.monotonic()
+    assert end_group(proc, grace=1.0)
+    took = time.monotonic() - start
+    assert proc.returncode is not None
+    assert (took >= 1.0) if ignores_term else (took < 1.0)
+    deadline = time.monotonic() + 5
+    while _living(proc.pid) and time.monotonic() < deadline:  # signals reach the children asynchronously
+        time.sleep(0.05)
+    assert not _living(proc.pid), "nothing of the group is left running"
+
+
+def _living(group: int) -> list[int]:
+    """Processes of a process group that are not zombies (an orphan's zombie waits for init to reap it)."""
+    living = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        if int(fields[2]) == group and fields[0] not in "ZX":
+            living.append(int(stat.parent.name))
+    return living

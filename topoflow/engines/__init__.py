@@ -22,6 +22,9 @@ and may have a fourth, for an engine whose training is more than this process:
 from __future__ import annotations
 
 import importlib
+import os
+import signal
+import subprocess
 
 ENGINES = ("keras", "multiworker", "bigdl")
 
@@ -31,3 +34,19 @@ def load(name: str):
     if name not in ENGINES:
         raise ValueError(f"unknown engine {name!r} (one of {', '.join(ENGINES)})")
     return importlib.import_module(f"topoflow.engines.{name}")
+
+
+def end_group(proc: subprocess.Popen, grace: float) -> bool:
+    """End a worker started in its own session and everything it started (a JVM, say): SIGTERM, then
+    SIGKILL after ``grace`` seconds (at once when 0). False when it outlives both."""
+    first = [(signal.SIGTERM, grace)] if grace > 0 else []
+    for sig, wait in [*first, (signal.SIGKILL, 10)]:
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=wait)
+            return True
+        except ProcessLookupError:  # the group is gone already
+            return True
+        except subprocess.TimeoutExpired:
+            continue
+    return False

@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 from topoflow import datasource, storage
+from topoflow.engines import end_group
 from topoflow.errors import TopoflowError
 from topoflow.tf import import_tensorflow
 
@@ -144,8 +144,8 @@ def _run_worker(python_exe: str, work: Path, model, run) -> float:
         except subprocess.TimeoutExpired:  # every epoch is in: end it below rather than fail the run
             log.warning("the BigDL worker did not stop within 120 s of its last epoch; ending it")
     finally:
-        if proc.poll() is None:
-            _end(proc)
+        if proc.poll() is None and not end_group(proc, grace=10):  # TERM first: the JVM shuts Spark down
+            print(f"warning: BigDL worker {proc.pid} did not end", file=sys.stderr)
     return samples / seconds if seconds else 0.0
 
 
@@ -166,17 +166,3 @@ def _failure(proc, log_file: Path, error: str | None) -> TopoflowError:
     tail = "\n".join(log_file.read_text(errors="replace").splitlines()[-25:])
     return TopoflowError(f"BigDL training failed (worker exit status {code}): {error or 'no message'}\n"
                          f"--- last lines of {log_file}:\n{tail}")
-
-
-def _end(proc) -> None:
-    """End the worker and everything it started (the local Spark JVM): TERM, then KILL."""
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(timeout=wait)
-            return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
-    print(f"warning: BigDL worker {proc.pid} did not end", file=sys.stderr)

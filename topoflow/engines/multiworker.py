@@ -32,6 +32,7 @@ from pathlib import Path
 
 from topoflow import dataset, storage
 from topoflow.config import Config, load_config
+from topoflow.engines import end_group
 from topoflow.errors import TopoflowError
 from topoflow.models import INPUTS
 from topoflow.tf import import_tensorflow
@@ -235,7 +236,7 @@ def _run_workers(folder: Path, n: int, resume: bool | str, restart: bool) -> tup
     finally:
         for w in workers:
             if w.poll() is None:
-                os.killpg(w.pid, signal.SIGKILL)
+                end_group(w, grace=0)  # no grace: the group restarts from the checkpoint anyway
             w.wait()
         if echo:
             echo.join()
