@@ -69,6 +69,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _seaweed_ports(names) -> dict[str, int]:
+    """Free ports for SeaweedFS' services. Each also takes its port + 10000 for gRPC and refuses a port that is
+    another's gRPC port, so both must be free, below 65536 and unlike every other service's."""
+    taken, ports = set(), {}
+    for name in names:
+        while True:
+            port = free_port()
+            if port + 10000 < 65536 and not {port, port + 10000} & taken:
+                with socket.socket() as s:
+                    try:
+                        s.bind(("127.0.0.1", port + 10000))
+                        break
+                    except OSError:
+                        continue
+        taken |= {port, port + 10000}
+        ports[name] = port
+    return ports
+
+
 def _wait_port(port: int, proc: subprocess.Popen, log: Path, seconds: float = 30) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -135,7 +154,7 @@ def s3_server(delphes_dir):
         "name": "topoflow", "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}],
         "actions": ["Admin", "Read", "Write", "List", "Tagging"],
     }]}))
-    ports = {k: free_port() for k in ("s3", "master", "filer", "volume", "admin")}
+    ports = _seaweed_ports(("s3", "master", "filer", "volume", "admin"))
     log = base / "weed.log"
     cmd = [weed, "mini", f"-dir={base / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
            f"-s3.config={base / 's3.json'}", "-admin.ui=false", "-master.telemetry=false",
