@@ -63,6 +63,17 @@ def train_config(data, out, model: str, **train) -> Config:
     return cfg
 
 
+@pytest.fixture(scope="session")
+def real_ingested(spark, delphes_dir, tmp_path_factory) -> Path:
+    """The real samples as ``topoflow ingest`` writes them (small tasks and batches)."""
+    from topoflow.ingest import ingest
+
+    out = tmp_path_factory.mktemp("real") / "ingested"
+    ingest(ingest_config({c: [str(delphes_dir / f)] for c, f in SAMPLES.items()}, str(out)), spark,
+           show_progress=False)
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import badfiles
-from conftest import SAMPLES, ingest_config
+from conftest import SAMPLES
 from topoflow import CLASSES
 from topoflow.config import Config
 from topoflow.errors import BadInputError, StorageError, TopoflowError
@@ -25,14 +25,8 @@ PROBS = [f"p_{c}" for c in CLASSES]
 
 
 @pytest.fixture(scope="module")
-def ingested(spark, delphes_dir, tmp_path_factory):
-    """The real samples as ``topoflow ingest`` writes them (small tasks and batches)."""
-    from topoflow.ingest import ingest
-
-    out = tmp_path_factory.mktemp("predict") / "ingested"
-    ingest(ingest_config({c: [str(delphes_dir / f)] for c, f in SAMPLES.items()}, str(out)), spark,
-           show_progress=False)
-    return out
+def ingested(real_ingested):
+    return real_ingested
 
 
 @pytest.fixture(scope="module")
